@@ -1,0 +1,64 @@
+//! Wiring: configuration → pools and queues → dispatcher → engine → listener.
+//! Used by `mqtt-persist run` and by the tests, which start brokers in-process on port 0.
+
+use crate::backends::queue::WriteQueue;
+use crate::broker::{self, Engine};
+use crate::config::{Config, ConfError};
+use crate::hooks::{Dispatcher, Pool};
+use crate::metrics::Registry;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// A running broker.
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Broker {
+    /// Stops accepting new connections (existing ones end when their clients go).
+    pub fn stop_accepting(&self) {
+        self.accept.abort();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Connects every pool of every loaded backend and builds the dispatcher.
+pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Dispatcher, Vec<ConfError>> {
+    let mut pools = BTreeMap::new();
+    let mut errors = Vec::new();
+    for b in &conf.backends {
+        for pool in b.pools.values() {
+            match crate::backends::connect(pool, &conf.broker.data_dir).await {
+                Ok(backend) => {
+                    tracing::info!(pool = %pool.label(), "pool ready");
+                    let queue = WriteQueue::spawn(backend.clone(), conf.broker.queue_capacity, conf.broker.batch_size);
+                    pools.insert(pool.label(), Arc::new(Pool { backend, queue }));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(Dispatcher::new(conf, &pools, registry))
+    } else {
+        Err(errors)
+    }
+}
+
+pub async fn start(conf: &Config) -> Result<Broker, String> {
+    let registry = Arc::new(Registry::default());
+    let dispatcher = build_dispatcher(conf, &registry).await.map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+    let listener = broker::bind(&conf.broker.listen).await?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let engine = Engine::new(conf.broker.clone(), Arc::new(dispatcher), registry);
+    let accept = tokio::spawn(broker::accept_loop(listener, engine.clone()));
+    Ok(Broker { addr, engine, accept })
+}

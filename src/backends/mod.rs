@@ -1,0 +1,140 @@
+//! The `Backend` trait every database implements, and the shared write queue in front of it.
+//!
+//! A backend knows how to apply an ordered batch of [`WriteOp`]s and answer the reads that
+//! on-subscribe and on-connect rules need. Everything generic — batching, retries, no-loss
+//! acknowledgements, metrics — lives in [`queue`] once, for all databases.
+
+use crate::actions::{Command, Statement};
+use crate::config::{OfflineOpts, PoolConf};
+use crate::hooks::{Message, Value};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod queue;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// One write, in the order the broker produced it. Every op is idempotent so that a batch can
+/// be retried after an error whose outcome is unknown.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    ClientConnected { clientid: Arc<str>, node: Arc<str>, connected_at: i64 },
+    /// Applies only if the stored `online_at` equals `connected_at` (takeover guard).
+    ClientDisconnected { clientid: Arc<str>, connected_at: i64, disconnected_at: i64 },
+    StoreMessage { msg: Arc<Message>, ttl: Duration },
+    StoreLatest { msg: Arc<Message>, ttl: Duration },
+    RetainUpsert { msg: Arc<Message> },
+    RetainDelete { topic: Arc<str> },
+    /// Move the read pointers of these filters forward to `msgid` (never backwards).
+    AdvancePointer { clientid: Arc<str>, filters: Arc<[Arc<str>]>, msgid: u64 },
+    DeletePointer { clientid: Arc<str>, filter: Arc<str> },
+    /// Queue model: the first ack by anyone deletes the message.
+    DeleteMessage { msgid: u64, topic: Arc<str> },
+    DeleteLatest { topic: Arc<str>, msgid: u64 },
+    Statements { stmts: Arc<[Statement]>, params: Vec<Vec<Value>> },
+    Commands { pipeline: bool, commands: Arc<[Command]>, args: Vec<Vec<Vec<u8>>> },
+}
+
+/// A message read back from a database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub msgid: u64,
+    pub sender: String,
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub arrived: i64,
+}
+
+/// Which stored-message model a fetch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchKind {
+    /// One-to-many by read pointer.
+    Pointer,
+    /// One-to-one: everything stored; acks delete.
+    Queue,
+    /// Newest message per topic.
+    KeepLatest,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    pub clientid: Arc<str>,
+    pub filter: Arc<str>,
+    pub kind: FetchKind,
+    pub opts: OfflineOpts,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// Worth retrying (connection lost, timeout); otherwise the data itself was refused.
+    pub transient: bool,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        BackendError { transient: true, message: message.into() }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        BackendError { transient: false, message: message.into() }
+    }
+}
+
+pub type BResult<T> = Result<T, BackendError>;
+
+pub trait Backend: Send + Sync + 'static {
+    /// `db:pool`.
+    fn label(&self) -> &str;
+    /// Apply ops in order. On error the batch may be partly applied; ops are idempotent.
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>>;
+    /// Stored messages for a new subscription (SPEC §3.1), oldest first.
+    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;
+    /// Retained messages whose topic matches `filter` (SPEC §3.2).
+    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;
+    /// The client's stored subscriptions `(filter, qos)`.
+    fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>>;
+    /// Remove stored messages that arrived before `before_ms`; returns how many.
+    fn delete_expired(&self, before_ms: i64) -> BoxFuture<'_, BResult<u64>>;
+    /// Round-trip to the server.
+    fn ping(&self) -> BoxFuture<'_, BResult<()>>;
+}
+
+/// Build a backend for a pool. `data_dir` anchors relative SQLite paths.
+pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<dyn Backend>, crate::config::ConfError> {
+    use crate::config::Db;
+    match pool.db {
+        #[cfg(feature = "sqlite")]
+        Db::Sqlite => Ok(Arc::new(sqlite::SqliteBackend::open(pool, data_dir)?)),
+        other => {
+            let _ = data_dir;
+            Err(pool.error("", format!("backend `{other}` is not built into this binary yet (pool {})", pool.name)))
+        }
+    }
+}
+
+/// Validate a pool's settings without connecting (used by `check`).
+pub fn validate(pool: &PoolConf) -> Result<(), crate::config::ConfError> {
+    use crate::config::Db;
+    match pool.db {
+        #[cfg(feature = "sqlite")]
+        Db::Sqlite => sqlite::SqliteSettings::parse(pool, std::path::Path::new(".")).map(|_| ()),
+        other => Err(pool.error("", format!("backend `{other}` is not built into this binary yet"))),
+    }
+}
+
+/// Keeps the newest `max` of `msgs` (which are oldest first).
+pub fn keep_newest(mut msgs: Vec<StoredMessage>, max: Option<u32>) -> Vec<StoredMessage> {
+    if let Some(max) = max {
+        let max = max as usize;
+        if msgs.len() > max {
+            msgs.drain(..msgs.len() - max);
+        }
+    }
+    msgs
+}

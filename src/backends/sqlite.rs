@@ -1,0 +1,319 @@
+//! SQLite: the embedded, zero-setup default. One writer connection in WAL mode applies each
+//! batch in a single transaction; a second connection serves reads while writes go on.
+
+use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use crate::config::{ConfError, PoolConf};
+use crate::hooks::Value;
+use crate::topic;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const SCHEMA: &str = include_str!("../../schema/sqlite.sql");
+
+#[derive(Debug, Clone)]
+pub struct SqliteSettings {
+    pub path: PathBuf,
+    pub synchronous: String,
+    pub busy_timeout_ms: u64,
+    pub auto_create_schema: bool,
+}
+
+impl SqliteSettings {
+    pub fn parse(pool: &PoolConf, data_dir: &Path) -> Result<Self, ConfError> {
+        let path = match pool.str("path") {
+            Some(p) => {
+                let p = PathBuf::from(p);
+                // `data/…` in the shipped conf follows `--data-dir`.
+                match p.strip_prefix("data") {
+                    Ok(rest) if p.is_relative() => data_dir.join(rest),
+                    _ => p,
+                }
+            }
+            None => data_dir.join("mqtt-persist.db"),
+        };
+        let synchronous = pool.str_or("synchronous", "normal").to_ascii_lowercase();
+        if !["off", "normal", "full", "extra"].contains(&synchronous.as_str()) {
+            return Err(pool.error("synchronous", format!("`synchronous` must be off, normal, full or extra, found `{synchronous}`")));
+        }
+        Ok(SqliteSettings { path, synchronous, busy_timeout_ms: pool.num("busy_timeout", 5000)?, auto_create_schema: pool.flag("auto_create_schema", true)? })
+    }
+}
+
+pub struct SqliteBackend {
+    label: String,
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open_conn(s: &SqliteSettings) -> rusqlite::Result<Connection> {
+    let c = Connection::open(&s.path)?;
+    c.busy_timeout(std::time::Duration::from_millis(s.busy_timeout_ms))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", &s.synchronous)?;
+    Ok(c)
+}
+
+impl SqliteBackend {
+    pub fn open(pool: &PoolConf, data_dir: &Path) -> Result<Self, ConfError> {
+        let s = SqliteSettings::parse(pool, data_dir)?;
+        if let Some(dir) = s.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| pool.error("path", format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let err = |e: rusqlite::Error| pool.error("path", format!("cannot open SQLite database {}: {e}", s.path.display()));
+        let writer = open_conn(&s).map_err(err)?;
+        if s.auto_create_schema {
+            writer.execute_batch(SCHEMA).map_err(err)?;
+        }
+        let reader = open_conn(&s).map_err(err)?;
+        Ok(SqliteBackend { label: pool.label(), writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)) })
+    }
+
+    async fn blocking<T: Send + 'static>(conn: &Arc<Mutex<Connection>>, f: impl FnOnce(&mut Connection) -> BResult<T> + Send + 'static) -> BResult<T> {
+        let conn = conn.clone();
+        tokio::task::spawn_blocking(move || f(&mut conn.lock())).await.map_err(|e| BackendError::transient(format!("sqlite task failed: {e}")))?
+    }
+}
+
+fn classify(e: rusqlite::Error) -> BackendError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen) => BackendError::transient(e.to_string()),
+        _ => BackendError::permanent(e.to_string()),
+    }
+}
+
+fn to_sql(v: &Value) -> rusqlite::types::Value {
+    use rusqlite::types::Value as S;
+    match v {
+        Value::Null => S::Null,
+        Value::Int(i) => S::Integer(*i),
+        Value::Str(s) => S::Text(s.to_string()),
+        // Text when it is text, so user TEXT columns read naturally; verbatim bytes otherwise.
+        Value::Bytes(b) => match std::str::from_utf8(b) {
+            Ok(s) => S::Text(s.to_string()),
+            Err(_) => S::Blob(b.to_vec()),
+        },
+        Value::Bool(b) => S::Integer(i64::from(*b)),
+    }
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
+    match op {
+        WriteOp::ClientConnected { clientid, node, connected_at } => {
+            tx.prepare_cached(
+                "INSERT INTO mqtt_client (clientid, state, node, online_at, offline_at) VALUES (?1, 1, ?2, ?3, NULL)
+                 ON CONFLICT (clientid) DO UPDATE SET state = 1, node = excluded.node, online_at = excluded.online_at, offline_at = NULL
+                 WHERE excluded.online_at >= coalesce(mqtt_client.online_at, 0)",
+            )?
+            .execute(params![&**clientid, &**node, connected_at])?;
+        }
+        WriteOp::ClientDisconnected { clientid, connected_at, disconnected_at } => {
+            tx.prepare_cached("UPDATE mqtt_client SET state = 0, offline_at = ?1 WHERE clientid = ?2 AND online_at = ?3")?.execute(params![disconnected_at, &**clientid, connected_at])?;
+        }
+        WriteOp::StoreMessage { msg, .. } => {
+            tx.prepare_cached("INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (msgid) DO NOTHING")?
+                .execute(params![msg.msgid as i64, &*msg.sender, &*msg.topic, msg.qos, msg.retain, &msg.payload[..], msg.timestamp])?;
+        }
+        WriteOp::StoreLatest { msg, .. } => {
+            tx.prepare_cached(
+                "INSERT INTO mqtt_latest (topic, msgid, sender, qos, retain, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, retain = excluded.retain, payload = excluded.payload, arrived = excluded.arrived
+                 WHERE excluded.msgid > mqtt_latest.msgid",
+            )?
+            .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, msg.retain, &msg.payload[..], msg.timestamp])?;
+        }
+        WriteOp::RetainUpsert { msg } => {
+            tx.prepare_cached(
+                "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, payload = excluded.payload, arrived = excluded.arrived
+                 WHERE excluded.msgid >= mqtt_retain.msgid",
+            )?
+            .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, &msg.payload[..], msg.timestamp])?;
+        }
+        WriteOp::RetainDelete { topic } => {
+            tx.prepare_cached("DELETE FROM mqtt_retain WHERE topic = ?1")?.execute(params![&**topic])?;
+        }
+        WriteOp::AdvancePointer { clientid, filters, msgid } => {
+            let mut st = tx.prepare_cached("UPDATE mqtt_acked SET mid = max(mid, ?1) WHERE clientid = ?2 AND topic = ?3")?;
+            for f in filters.iter() {
+                st.execute(params![*msgid as i64, &**clientid, &**f])?;
+            }
+        }
+        WriteOp::DeletePointer { clientid, filter } => {
+            tx.prepare_cached("DELETE FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")?.execute(params![&**clientid, &**filter])?;
+        }
+        WriteOp::DeleteMessage { msgid, .. } => {
+            tx.prepare_cached("DELETE FROM mqtt_msg WHERE msgid = ?1")?.execute(params![*msgid as i64])?;
+        }
+        WriteOp::DeleteLatest { topic, msgid } => {
+            tx.prepare_cached("DELETE FROM mqtt_latest WHERE topic = ?1 AND msgid = ?2")?.execute(params![&**topic, *msgid as i64])?;
+        }
+        WriteOp::Statements { stmts, params } => {
+            for (st, ps) in stmts.iter().zip(params) {
+                // A failing statement is logged and the next one runs (EMQX semantics).
+                let r = tx.prepare_cached(&st.text).and_then(|mut s| s.execute(rusqlite::params_from_iter(ps.iter().map(to_sql))));
+                if let Err(e) = r {
+                    if classify_is_transient(&e) {
+                        return Err(e);
+                    }
+                    tracing::warn!(statement = %st.text, error = %e, "custom statement failed");
+                }
+            }
+        }
+        WriteOp::Commands { .. } => {}
+    }
+    Ok(())
+}
+
+fn classify_is_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(e.sqlite_error_code(), Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull))
+}
+
+const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
+
+fn row_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let payload: Option<Vec<u8>> = match r.get_ref(5)? {
+        rusqlite::types::ValueRef::Null => None,
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => Some(t.to_vec()),
+        other => Some(format!("{other:?}").into_bytes()),
+    };
+    Ok(StoredMessage {
+        msgid: r.get::<_, i64>(0)? as u64,
+        sender: r.get(1)?,
+        topic: r.get(2)?,
+        qos: r.get::<_, i64>(3)?.clamp(0, 2) as u8,
+        retain: r.get::<_, i64>(4)? != 0,
+        payload: payload.unwrap_or_default().into(),
+        arrived: r.get(6)?,
+    })
+}
+
+/// Rows of `table` matching `filter`, newest first, narrowed by index and matched exactly here.
+/// `extra` is appended to the WHERE clause with `extra_params` after the topic bounds.
+fn scan_matching(c: &Connection, table: &str, cols: &str, filter: &str, extra: &str, extra_params: &[i64], limit: Option<u32>) -> rusqlite::Result<Vec<StoredMessage>> {
+    let mut sql = format!("SELECT {cols} FROM {table} WHERE 1=1");
+    let mut ps: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some((lo, hi)) = topic::prefix_range(filter) {
+        if topic::has_wildcards(filter) {
+            sql.push_str(" AND topic >= ? AND topic < ?");
+            ps.push(lo.into());
+            ps.push(hi.into());
+        } else {
+            sql.push_str(" AND topic = ?");
+            ps.push(lo.into());
+        }
+    }
+    sql.push_str(extra);
+    ps.extend(extra_params.iter().map(|v| rusqlite::types::Value::Integer(*v)));
+    sql.push_str(" ORDER BY msgid DESC");
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st.query(rusqlite::params_from_iter(ps))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let m = row_msg(r)?;
+        if topic::matches(&m.topic, filter) {
+            out.push(m);
+            if limit.is_some_and(|l| out.len() >= l as usize) {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Backend for SqliteBackend {
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
+        let ops = ops.to_vec();
+        Box::pin(Self::blocking(&self.writer, move |c| {
+            let tx = c.transaction().map_err(classify)?;
+            for op in &ops {
+                apply(&tx, op).map_err(classify)?;
+            }
+            tx.commit().map_err(classify)
+        }))
+    }
+
+    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        let req = req.clone();
+        Box::pin(Self::blocking(&self.reader, move |c| {
+            let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
+            let max = req.opts.max_returned_count;
+            let filter = &*req.filter;
+            let msgs = match req.kind {
+                FetchKind::Pointer => {
+                    let ptr: Option<i64> = c
+                        .prepare_cached("SELECT mid FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")
+                        .and_then(|mut s| s.query_row(params![&*req.clientid, filter], |r| r.get(0)).optional())
+                        .map_err(classify)?;
+                    match ptr {
+                        Some(p) => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND msgid > ? AND arrived >= ?", &[p, since], max).map_err(classify)?,
+                        None => {
+                            // First subscription: start the pointer at the newest stored message.
+                            let newest = scan_matching(c, "mqtt_msg", MSG_COLS, filter, "", &[], Some(1)).map_err(classify)?;
+                            let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
+                            c.prepare_cached("INSERT INTO mqtt_acked (clientid, topic, mid) VALUES (?1, ?2, ?3) ON CONFLICT (clientid, topic) DO NOTHING")
+                                .and_then(|mut s| s.execute(params![&*req.clientid, filter, mid]))
+                                .map_err(classify)?;
+                            if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
+                                scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?
+                            } else {
+                                Vec::new()
+                            }
+                        }
+                    }
+                }
+                FetchKind::Queue => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?,
+                FetchKind::KeepLatest => scan_matching(c, "mqtt_latest", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?,
+            };
+            let mut msgs = keep_newest(msgs, max);
+            msgs.reverse();
+            Ok(msgs)
+        }))
+    }
+
+    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        let filter = filter.to_string();
+        Box::pin(Self::blocking(&self.reader, move |c| {
+            let mut v = scan_matching(c, "mqtt_retain", "msgid, sender, topic, qos, 1, payload, arrived", &filter, "", &[], None).map_err(classify)?;
+            v.reverse();
+            Ok(v)
+        }))
+    }
+
+    fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
+        let clientid = clientid.to_string();
+        Box::pin(Self::blocking(&self.reader, move |c| {
+            let mut st = c.prepare_cached("SELECT topic, qos FROM mqtt_sub WHERE clientid = ?1 ORDER BY id").map_err(classify)?;
+            let rows = st.query_map(params![clientid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.clamp(0, 2) as u8))).map_err(classify)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(classify)
+        }))
+    }
+
+    fn delete_expired(&self, before_ms: i64) -> BoxFuture<'_, BResult<u64>> {
+        Box::pin(Self::blocking(&self.writer, move |c| {
+            let mut total = 0u64;
+            loop {
+                let n = c
+                    .prepare_cached("DELETE FROM mqtt_msg WHERE id IN (SELECT id FROM mqtt_msg WHERE arrived < ?1 LIMIT 5000)")
+                    .and_then(|mut s| s.execute(params![before_ms]))
+                    .map_err(classify)?;
+                total += n as u64;
+                if n < 5000 {
+                    return Ok(total);
+                }
+            }
+        }))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, BResult<()>> {
+        Box::pin(Self::blocking(&self.reader, |c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(classify)))
+    }
+}

@@ -1,0 +1,806 @@
+//! One task per client: decodes packets, raises hook events, feeds the client's rumqttd local
+//! link, and writes the router's notifications back to the socket.
+//!
+//! The layer owns everything rumqttd's local links don't do (keepalive, wills, takeover
+//! reporting, ping) and the things only it can do: carry msgids across the router in a user
+//! property, hold PUBACKs until storage committed (no-loss), and inject stored messages into one
+//! client before its subscription's live traffic, with packet ids outside the router's 1..=100.
+
+use super::engine::{Control, Engine};
+use super::wire::{self, Codec};
+use crate::backends::queue::Ticket;
+use crate::hooks::{now_ms, Client, Dispatcher, Event, Hook, Injection, Message};
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use rumqttd::local::LinkTx;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish,
+    PublishProperties, RetainForwardRule, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use rumqttd::{Forward, Notification};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// User property carrying `msgid:qos:timestamp:sender` from publisher to subscriber links.
+const META_KEY: &str = "mqtt-persist-meta";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Router packet ids are 1..=100; ours for injected messages start above.
+const FIRST_INJECT_PKID: u16 = 101;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out waiting for CONNECT")]
+    ConnectTimeout,
+}
+
+pub async fn serve(stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = run(stream, peer, engine).await {
+        tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}
+
+/// Per-message data carried across the router.
+#[derive(Debug, Clone)]
+struct Meta {
+    msgid: u64,
+    sender: Arc<str>,
+    timestamp: i64,
+}
+
+fn encode_meta(m: &Message) -> (String, String) {
+    (META_KEY.to_string(), format!("{}:{}:{}", m.msgid, m.timestamp, m.sender))
+}
+
+fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
+    let p = props.as_mut()?;
+    let i = p.user_properties.iter().position(|(k, _)| k == META_KEY)?;
+    let (_, v) = p.user_properties.remove(i);
+    if *p == PublishProperties::default() {
+        *props = None;
+    }
+    let mut it = v.splitn(3, ':');
+    let msgid = it.next()?.parse().ok()?;
+    let timestamp = it.next()?.parse().ok()?;
+    Some(Meta { msgid, timestamp, sender: it.next().unwrap_or("").into() })
+}
+
+enum AckKind {
+    PubAck,
+    PubRec,
+}
+
+/// A router-numbered outgoing QoS>0 publish awaiting the client's ack.
+struct RouterInflight {
+    pkid: u16,
+    /// Set once the client acked (or the layer suppressed the publish).
+    ack: Option<AckKind>,
+}
+
+/// An injected publish awaiting the client's ack (packet ids ≥ 101, never seen by the router).
+struct Injected {
+    msgid: u64,
+    topic: Arc<str>,
+}
+
+/// A PUBACK/PUBREC held until storage committed (no-loss mode).
+#[derive(Default)]
+struct HeldAck {
+    committed: bool,
+    router_ack: Option<Packet>,
+}
+
+/// A SUBSCRIBE sent to the router, in order; the router answers each with one SUBACK.
+struct PendingSub {
+    lookups: Option<JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>>,
+}
+
+struct Session {
+    engine: Arc<Engine>,
+    d: Arc<Dispatcher>,
+    client: Arc<Client>,
+    codec: Codec,
+    tx: LinkTx,
+    to_router: Vec<Packet>,
+    wbuf: BytesMut,
+    subs: HashMap<Arc<str>, u8>,
+    meta: bool,
+    out_meta: Vec<Option<(Meta, Bytes)>>,
+    router_inflight: VecDeque<RouterInflight>,
+    injected: HashMap<u16, Injected>,
+    next_pkid: u16,
+    held: HashMap<u16, HeldAck>,
+    tickets: HashMap<u64, u16>,
+    next_seq: u64,
+    done_tx: mpsc::UnboundedSender<u64>,
+    pending_subs: VecDeque<PendingSub>,
+    recent_injected: HashSet<u64>,
+    will: Option<(rumqttd::protocol::LastWill, Option<rumqttd::protocol::LastWillProperties>)>,
+    reason: &'static str,
+    closing: bool,
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ConnError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, stream.read_buf(buf)).await {
+        Ok(Ok(0)) => Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ConnError::ConnectTimeout),
+    }
+}
+
+async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Result<(), ConnError> {
+    let max = engine.conf.max_packet_size;
+    let mut rbuf = BytesMut::with_capacity(8 * 1024);
+    let level = loop {
+        match wire::connect_level(&rbuf) {
+            Ok(Some(l)) => break l,
+            Ok(None) => read_more(&mut stream, &mut rbuf).await?,
+            Err(()) => return Err(ConnError::Protocol("first packet is not CONNECT".into())),
+        }
+    };
+    let mut codec = match level {
+        4 => Codec::V4(rumqttd::protocol::v4::V4),
+        5 => Codec::V5(rumqttd::protocol::v5::V5),
+        other => {
+            // 3.1 (level 3) and unknown levels: "unacceptable protocol version".
+            let mut b = BytesMut::new();
+            let _ = Codec::V4(rumqttd::protocol::v4::V4).write(Packet::ConnAck(ConnAck { session_present: false, code: ConnectReturnCode::RefusedProtocolVersion }, None), &mut b);
+            stream.write_all(&b).await?;
+            return Err(ConnError::Protocol(format!("unsupported protocol level {other}")));
+        }
+    };
+    let packet = loop {
+        match codec.read(&mut rbuf, max) {
+            Ok(p) => break p,
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => read_more(&mut stream, &mut rbuf).await?,
+            Err(e) => return Err(ConnError::Protocol(e.to_string())),
+        }
+    };
+    let Packet::Connect(connect, _props, will, will_props, login) = packet else {
+        return Err(ConnError::Protocol("first packet is not CONNECT".into()));
+    };
+    let mut assigned = None;
+    let clientid = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            let mut b = BytesMut::new();
+            let _ = codec.write(Packet::ConnAck(ConnAck { session_present: false, code: ConnectReturnCode::ClientIdentifierNotValid }, None), &mut b);
+            stream.write_all(&b).await?;
+            return Err(ConnError::Protocol("empty client id without clean session".into()));
+        }
+        let id = format!("mqtt-persist-{:x}", engine.msgids.next());
+        assigned = Some(id.clone());
+        id
+    } else {
+        connect.client_id.clone()
+    };
+    let router_id = wire::router_client_id(&clientid);
+    let clean = connect.clean_session;
+    let eng = engine.clone();
+    let link = tokio::task::spawn_blocking(move || eng.link(&router_id, clean)).await.map_err(|e| ConnError::Protocol(e.to_string()))?;
+    let (tx, mut rx, note) = link.map_err(|e| ConnError::Protocol(format!("router refused the link: {e}")))?;
+    let session_present = match note {
+        Notification::DeviceAck(ack) => matches!(Packet::from(ack), Packet::ConnAck(ConnAck { session_present: true, .. }, _)),
+        _ => false,
+    };
+    let connected_at = now_ms();
+    let client = Arc::new(Client {
+        clientid: clientid.as_str().into(),
+        username: login.map(|l| Arc::from(l.username.as_str())).filter(|u: &Arc<str>| !u.is_empty()),
+        peerhost: peer.ip().to_string(),
+        peerport: peer.port(),
+        proto_ver: level,
+        keepalive: connect.keep_alive,
+        clean_start: clean,
+        connected_at,
+    });
+    let subs = if clean {
+        engine.sessions.lock().remove(&clientid);
+        HashMap::new()
+    } else if session_present {
+        engine.sessions.lock().get(&clientid).map(|s| s.iter().map(|(f, q)| (Arc::from(f.as_str()), *q)).collect()).unwrap_or_default()
+    } else {
+        HashMap::new()
+    };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let conn_id = engine.register(&clientid, ctl_tx);
+    let d = engine.dispatcher();
+    let mut s = Session {
+        meta: d.needs_meta(),
+        d,
+        engine: engine.clone(),
+        client: client.clone(),
+        codec: codec.clone(),
+        tx,
+        to_router: Vec::new(),
+        wbuf: BytesMut::with_capacity(16 * 1024),
+        subs,
+        out_meta: vec![None; 101],
+        router_inflight: VecDeque::new(),
+        injected: HashMap::new(),
+        next_pkid: FIRST_INJECT_PKID,
+        held: HashMap::new(),
+        tickets: HashMap::new(),
+        next_seq: 0,
+        done_tx,
+        pending_subs: VecDeque::new(),
+        recent_injected: HashSet::new(),
+        will: will.map(|w| (w, will_props)),
+        reason: "normal",
+        closing: false,
+    };
+    let props = codec.is_v5().then(|| ConnAckProperties { assigned_client_identifier: assigned, ..Default::default() });
+    s.write(Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, props));
+    stream.write_all(&s.wbuf).await?;
+    s.wbuf.clear();
+    engine.metrics.broker.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(clientid = %client.clientid, %peer, clean, session_present, "client connected");
+    s.d.fire(&Event::Connected { client: client.clone() });
+    if s.d.has_subscribe_lookup() {
+        let d = s.d.clone();
+        let c = client.clone();
+        let eng = engine.clone();
+        let cid = clientid.clone();
+        tokio::spawn(async move {
+            for (filter, qos) in d.subscribe_lookup(&c).await {
+                eng.control(&cid, Control::Subscribe { filter, qos });
+            }
+        });
+    }
+
+    let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let far = Duration::from_secs(86_400 * 365);
+    let idle = tokio::time::sleep(keepalive.unwrap_or(far));
+    tokio::pin!(idle);
+    let (mut reader, mut writer) = stream.into_split();
+    let mut hold: Option<JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>> = None;
+    let mut link_open = true;
+    let mut need_wake = false;
+    let result: Result<(), ConnError> = loop {
+        tokio::select! {
+            r = reader.read_buf(&mut rbuf) => {
+                match r {
+                    Ok(0) => { s.reason = "sock_closed"; break Ok(()); }
+                    Err(e) => { s.reason = "sock_error"; break Err(e.into()); }
+                    Ok(_) => {}
+                }
+                if let Some(k) = keepalive {
+                    idle.as_mut().reset(tokio::time::Instant::now() + k);
+                }
+                if let Err(e) = s.read_packets(&mut rbuf).await {
+                    s.reason = "protocol_error";
+                    break Err(e);
+                }
+                if s.closing {
+                    break Ok(());
+                }
+            }
+            n = rx.next(), if hold.is_none() && link_open => {
+                match n {
+                    Ok(Some(first)) => {
+                        let mut next = Some(first);
+                        let mut count = 0;
+                        while let Some(note) = next.take() {
+                            match s.notification(note) {
+                                Step::Continue => {}
+                                Step::Wake => need_wake = true,
+                                Step::Hold(h) => { hold = Some(h); break; }
+                                Step::Close => { s.closing = true; break; }
+                            }
+                            count += 1;
+                            if count < 512 {
+                                next = rx.next().now_or_never().and_then(|r| r.ok().flatten());
+                            }
+                        }
+                        if s.closing { break Ok(()); }
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        // The router dropped this link: another connection took the client id.
+                        link_open = false;
+                        s.reason = "takenover";
+                        if s.codec.is_v5() {
+                            s.write(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::SessionTakenOver }, None));
+                        }
+                        break Ok(());
+                    }
+                }
+            }
+            r = async { hold.as_mut().expect("guarded").await }, if hold.is_some() => {
+                hold = None;
+                match r {
+                    Ok(found) => s.inject_all(found),
+                    Err(e) => tracing::warn!(error = %e, "subscribe lookup task failed"),
+                }
+            }
+            Some(seq) = done_rx.recv() => s.committed(seq),
+            Some(cmd) = ctl_rx.recv() => s.control(cmd),
+            _ = &mut idle => {
+                s.reason = "keepalive_timeout";
+                if s.codec.is_v5() {
+                    s.write(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::KeepAliveTimeout }, None));
+                }
+                break Ok(());
+            }
+        }
+        if let Err(e) = s.flush_router() {
+            s.reason = "router_closed";
+            break Err(e);
+        }
+        if !s.wbuf.is_empty() {
+            if let Err(e) = writer.write_all(&s.wbuf).await {
+                s.reason = "sock_error";
+                break Err(e.into());
+            }
+            s.wbuf.clear();
+        }
+        if need_wake {
+            need_wake = false;
+            let _ = rx.wake().await;
+        }
+    };
+    if !s.wbuf.is_empty() {
+        let _ = writer.write_all(&s.wbuf).await;
+    }
+    let _ = writer.shutdown().await;
+    s.close(link_open).await;
+    engine.unregister(&clientid, conn_id);
+    engine.metrics.broker.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    result
+}
+
+enum Step {
+    Continue,
+    Wake,
+    Hold(JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>),
+    Close,
+}
+
+impl Session {
+    fn write(&mut self, p: Packet) {
+        if let Err(e) = self.codec.write(p, &mut self.wbuf) {
+            tracing::warn!(clientid = %self.client.clientid, error = %e, "cannot encode packet");
+        }
+    }
+
+    /// Sends everything queued for the router with one notification (trap 5).
+    fn flush_router(&mut self) -> Result<(), ConnError> {
+        let Some(last) = self.to_router.pop() else { return Ok(()) };
+        {
+            let mut buf = self.tx.buffer();
+            buf.extend(self.to_router.drain(..));
+        }
+        futures::executor::block_on(self.tx.send(last)).map(|_| ()).map_err(|e| ConnError::Protocol(format!("router link closed: {e}")))
+    }
+
+    async fn read_packets(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+        let max = self.engine.conf.max_packet_size;
+        loop {
+            let hdr = wire::peek_publish(rbuf);
+            match self.codec.read(rbuf, max) {
+                Ok(p) => self.incoming(p, hdr).await?,
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e) => return Err(ConnError::Protocol(e.to_string())),
+            }
+            if self.closing {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn incoming(&mut self, p: Packet, hdr: Option<(u8, u16)>) -> Result<(), ConnError> {
+        match p {
+            Packet::Publish(publish, props) => {
+                let (qos, pkid) = hdr.unwrap_or((0, 0));
+                self.publish(publish, props, qos, pkid).await?;
+            }
+            Packet::PubAck(ack, _) => self.client_ack(ack.pkid, AckKind::PubAck),
+            Packet::PubRec(rec, _) => {
+                if self.injected.contains_key(&rec.pkid) {
+                    self.write(Packet::PubRel(PubRel { pkid: rec.pkid, reason: PubRelReason::Success }, None));
+                } else {
+                    self.client_ack(rec.pkid, AckKind::PubRec);
+                }
+            }
+            Packet::PubComp(comp, _) => {
+                if let Some(inj) = self.injected.remove(&comp.pkid) {
+                    self.fire_acked(inj.msgid, inj.topic);
+                } else {
+                    self.to_router.push(Packet::PubComp(comp, None));
+                }
+            }
+            Packet::PubRel(rel, _) => self.to_router.push(Packet::PubRel(rel, None)),
+            Packet::Subscribe(sub, props) => self.subscribe(sub, props),
+            Packet::Unsubscribe(unsub, _) => self.unsubscribe(unsub),
+            Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
+            Packet::Disconnect(d, _) => {
+                if d.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {
+                    self.will = None;
+                }
+                self.reason = "normal";
+                self.closing = true;
+            }
+            other => return Err(ConnError::Protocol(format!("unexpected packet {other:?}"))),
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, mut publish: Publish, mut props: Option<PublishProperties>, qos: u8, pkid: u16) -> Result<(), ConnError> {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Err(ConnError::Protocol("topic is not UTF-8".into()));
+        };
+        if !crate::topic::valid_topic(topic) {
+            return Err(ConnError::Protocol(format!("invalid topic name {topic:?}")));
+        }
+        self.engine.metrics.broker.messages_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let has_rules = self.d.has(Hook::MessagePublish);
+        if has_rules || self.meta {
+            let msg = Arc::new(Message {
+                msgid: self.engine.msgids.next(),
+                sender: self.client.clientid.clone(),
+                username: self.client.username.clone(),
+                topic: topic.into(),
+                payload: publish.payload.clone(),
+                qos,
+                retain: publish.retain,
+                timestamp: now_ms(),
+            });
+            if has_rules {
+                if qos > 0 && self.d.no_loss() {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    self.held.insert(pkid, HeldAck::default());
+                    self.tickets.insert(seq, pkid);
+                    let ticket = Ticket::new(seq, self.done_tx.clone());
+                    self.d.publish(&msg, Some(&ticket)).await;
+                } else {
+                    self.d.publish(&msg, None).await;
+                }
+                if publish.retain && self.d.retain_in_db(topic) {
+                    publish.retain = false;
+                }
+            }
+            if self.meta {
+                props.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
+            }
+        }
+        self.to_router.push(Packet::Publish(publish, props));
+        Ok(())
+    }
+
+    /// A storage commit finished for the publish with this ticket.
+    fn committed(&mut self, seq: u64) {
+        let Some(pkid) = self.tickets.remove(&seq) else { return };
+        if let Some(h) = self.held.get_mut(&pkid) {
+            h.committed = true;
+            if h.router_ack.is_some() {
+                let ack = self.held.remove(&pkid).and_then(|h| h.router_ack);
+                if let Some(ack) = ack {
+                    self.write(ack);
+                }
+            }
+        }
+    }
+
+    fn client_ack(&mut self, pkid: u16, kind: AckKind) {
+        if let Some(inj) = self.injected.remove(&pkid) {
+            self.fire_acked(inj.msgid, inj.topic);
+            return;
+        }
+        if pkid == 0 || pkid as usize >= self.out_meta.len() {
+            return;
+        }
+        if let Some((meta, topic)) = self.out_meta[pkid as usize].take() {
+            if let Ok(t) = std::str::from_utf8(&topic) {
+                self.fire_acked(meta.msgid, t.into());
+            }
+        }
+        if let Some(e) = self.router_inflight.iter_mut().find(|e| e.pkid == pkid && e.ack.is_none()) {
+            e.ack = Some(kind);
+        }
+        self.release_router_acks();
+    }
+
+    /// The router requires acks in its send order: release the acked prefix.
+    fn release_router_acks(&mut self) {
+        while self.router_inflight.front().is_some_and(|e| e.ack.is_some()) {
+            let e = self.router_inflight.pop_front().expect("checked");
+            let p = match e.ack {
+                Some(AckKind::PubRec) => Packet::PubRec(PubRec { pkid: e.pkid, reason: PubRecReason::Success }, None),
+                _ => Packet::PubAck(PubAck { pkid: e.pkid, reason: PubAckReason::Success }, None),
+            };
+            self.to_router.push(p);
+        }
+    }
+
+    fn fire_acked(&self, msgid: u64, topic: Arc<str>) {
+        if !self.d.has(Hook::MessageAcked) {
+            return;
+        }
+        let filters: Arc<[Arc<str>]> = self.subs.keys().filter(|f| crate::topic::matches(&topic, f)).cloned().collect();
+        self.d.fire(&Event::Acked { client: self.client.clone(), msgid, topic, filters });
+    }
+
+    fn subscribe(&mut self, sub: Subscribe, props: Option<rumqttd::protocol::SubscribeProperties>) {
+        let mut new = Vec::new();
+        for f in &sub.filters {
+            let q = f.qos as u8;
+            let is_new = self.subs.insert(f.path.as_str().into(), q).is_none();
+            new.push((Arc::<str>::from(f.path.as_str()), q, is_new));
+        }
+        self.sync_session();
+        let lookups = self.d.has(Hook::SessionSubscribed).then(|| {
+            let d = self.d.clone();
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for (filter, qos, is_new) in new {
+                    let found = d.subscribed(&client, &filter, qos, is_new).await;
+                    out.push((filter, qos, found));
+                }
+                out
+            })
+        });
+        self.pending_subs.push_back(PendingSub { lookups });
+        self.to_router.push(Packet::Subscribe(sub, props));
+    }
+
+    fn unsubscribe(&mut self, unsub: Unsubscribe) {
+        let mut reasons = Vec::new();
+        for f in &unsub.filters {
+            let existed = self.subs.remove(f.as_str()).is_some();
+            reasons.push(if existed { UnsubAckReason::Success } else { UnsubAckReason::NoSubscriptionExisted });
+            if existed {
+                // One filter per router packet: the router acks each filter separately, and
+                // not at all for unknown ones; we answer the client ourselves.
+                self.to_router.push(Packet::Unsubscribe(Unsubscribe { pkid: 0, filters: vec![f.clone()] }, None));
+            }
+            self.d.fire(&Event::Unsubscribed { client: self.client.clone(), filter: f.as_str().into() });
+        }
+        self.sync_session();
+        if !self.codec.is_v5() {
+            reasons.clear();
+        }
+        self.write(Packet::UnsubAck(UnsubAck { pkid: unsub.pkid, reasons }, None));
+    }
+
+    fn sync_session(&self) {
+        if !self.client.clean_start {
+            let subs = self.subs.iter().map(|(f, q)| (f.to_string(), *q)).collect();
+            self.engine.sessions.lock().insert(self.client.clientid.to_string(), subs);
+        }
+    }
+
+    fn notification(&mut self, n: Notification) -> Step {
+        match n {
+            Notification::Forward(f) => {
+                self.forward(f);
+                Step::Continue
+            }
+            Notification::DeviceAck(ack) => match Packet::from(ack) {
+                Packet::SubAck(suback, p) => {
+                    let pending = self.pending_subs.pop_front();
+                    if suback.pkid != 0 {
+                        let mut suback = suback;
+                        // The router grants what was asked; a v4 client needs the plain codes.
+                        for c in suback.return_codes.iter_mut() {
+                            if let SubscribeReasonCode::Success(q) = c {
+                                *c = match *q as u8 { 0 => SubscribeReasonCode::QoS0, 1 => SubscribeReasonCode::QoS1, _ => SubscribeReasonCode::QoS2 };
+                            }
+                        }
+                        self.write(Packet::SubAck(suback, p.filter(|_| self.codec.is_v5())));
+                    }
+                    match pending.and_then(|p| p.lookups) {
+                        Some(h) => Step::Hold(h),
+                        None => Step::Continue,
+                    }
+                }
+                Packet::UnsubAck(..) | Packet::PingResp(_) | Packet::ConnAck(..) => Step::Continue,
+                Packet::PubAck(ack, _) => {
+                    self.publisher_ack(ack.pkid, Packet::PubAck(ack, None));
+                    Step::Continue
+                }
+                Packet::PubRec(rec, _) => {
+                    self.publisher_ack(rec.pkid, Packet::PubRec(rec, None));
+                    Step::Continue
+                }
+                other => {
+                    let other = if self.codec.is_v5() { other } else { strip_props(other) };
+                    self.write(other);
+                    Step::Continue
+                }
+            },
+            Notification::Unschedule => Step::Wake,
+            Notification::Disconnect(d, _) => {
+                self.reason = "router_disconnect";
+                if self.codec.is_v5() {
+                    self.write(Packet::Disconnect(d, None));
+                }
+                Step::Close
+            }
+            _ => Step::Continue,
+        }
+    }
+
+    /// The router acked a client's publish: pass it on, or hold it until storage committed.
+    fn publisher_ack(&mut self, pkid: u16, ack: Packet) {
+        match self.held.get_mut(&pkid) {
+            Some(h) if h.committed => {
+                self.held.remove(&pkid);
+                self.write(ack);
+            }
+            Some(h) => h.router_ack = Some(ack),
+            None => self.write(ack),
+        }
+    }
+
+    fn forward(&mut self, mut f: Forward) {
+        let meta = if self.meta { take_meta(&mut f.properties) } else { None };
+        if !self.codec.is_v5() {
+            f.properties = None;
+        }
+        self.engine.metrics.broker.messages_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let duplicate = meta.as_ref().is_some_and(|m| self.recent_injected.contains(&m.msgid));
+        let topic = f.publish.topic.clone();
+        let payload = f.publish.payload.clone();
+        let start = self.wbuf.len();
+        self.write(Packet::Publish(f.publish, f.properties));
+        let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+        if duplicate && qos < 2 {
+            // Already delivered from storage just before this live copy: drop it, and ack the
+            // router ourselves when it expects an ack.
+            self.wbuf.truncate(start);
+            if qos == 1 {
+                self.router_inflight.push_back(RouterInflight { pkid, ack: Some(AckKind::PubAck) });
+                self.release_router_acks();
+            }
+            return;
+        }
+        if qos > 0 {
+            self.router_inflight.push_back(RouterInflight { pkid, ack: None });
+            if let (Some(m), Some(slot)) = (&meta, self.out_meta.get_mut(pkid as usize)) {
+                *slot = Some((m.clone(), topic.clone()));
+            }
+        }
+        if let Some(m) = meta {
+            if self.d.has(Hook::MessageDelivered) {
+                if let Ok(t) = std::str::from_utf8(&topic) {
+                    let msg = Arc::new(Message { msgid: m.msgid, sender: m.sender, username: None, topic: t.into(), payload, qos, retain: false, timestamp: m.timestamp });
+                    self.d.fire(&Event::Delivered { client: self.client.clone(), msg, qos });
+                }
+            }
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        for _ in 0..=u16::MAX {
+            let p = self.next_pkid;
+            self.next_pkid = if p == u16::MAX { FIRST_INJECT_PKID } else { p + 1 };
+            if !self.injected.contains_key(&p) {
+                return p;
+            }
+        }
+        FIRST_INJECT_PKID
+    }
+
+    /// Writes stored messages to this client only, oldest first.
+    fn inject_all(&mut self, found: Vec<(Arc<str>, u8, Vec<Injection>)>) {
+        if self.recent_injected.len() > 100_000 {
+            self.recent_injected.clear();
+        }
+        for (_filter, sub_qos, msgs) in found {
+            for inj in msgs {
+                let qos = inj.msg.qos.min(sub_qos);
+                let pkid = if qos > 0 { self.alloc_pkid() } else { 0 };
+                let publish = wire::build_publish(inj.msg.topic.as_bytes(), &inj.msg.payload, qos, inj.retained, pkid);
+                self.write(Packet::Publish(publish, None));
+                if !inj.retained {
+                    self.recent_injected.insert(inj.msg.msgid);
+                }
+                let topic: Arc<str> = inj.msg.topic.as_str().into();
+                if qos > 0 {
+                    self.injected.insert(pkid, Injected { msgid: inj.msg.msgid, topic: topic.clone() });
+                }
+                if self.d.has(Hook::MessageDelivered) {
+                    let m = &inj.msg;
+                    let msg = Arc::new(Message { msgid: m.msgid, sender: m.sender.as_str().into(), username: None, topic, payload: m.payload.clone(), qos, retain: inj.retained, timestamp: m.arrived });
+                    self.d.fire(&Event::Delivered { client: self.client.clone(), msg, qos });
+                }
+            }
+        }
+    }
+
+    fn control(&mut self, cmd: Control) {
+        match cmd {
+            Control::Subscribe { filter, qos } => {
+                if !crate::topic::valid_filter(&filter) {
+                    tracing::warn!(clientid = %self.client.clientid, %filter, "server-side subscribe with an invalid filter ignored");
+                    return;
+                }
+                let qos = rumqttd::protocol::qos(qos.min(2)).unwrap_or_default();
+                let f = Filter { path: filter, qos, nolocal: false, preserve_retain: false, retain_forward_rule: RetainForwardRule::OnEverySubscribe };
+                self.subscribe(Subscribe { pkid: 0, filters: vec![f] }, None);
+            }
+            Control::Unsubscribe { filter } => {
+                if self.subs.remove(filter.as_str()).is_some() {
+                    self.to_router.push(Packet::Unsubscribe(Unsubscribe { pkid: 0, filters: vec![filter.clone()] }, None));
+                    self.sync_session();
+                    self.d.fire(&Event::Unsubscribed { client: self.client.clone(), filter: filter.as_str().into() });
+                }
+            }
+            Control::Inject(msgs) => {
+                let found = msgs.into_iter().map(|m| (Arc::<str>::from(m.topic.as_str()), m.qos, vec![Injection { msg: m, retained: false }])).collect();
+                self.inject_all(found);
+            }
+        }
+    }
+
+    async fn close(&mut self, link_open: bool) {
+        if let Some((will, props)) = self.will.take() {
+            if self.reason != "normal" {
+                self.publish_will(will, props).await;
+            }
+        }
+        if link_open {
+            self.to_router.push(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None));
+            let _ = self.flush_router();
+        }
+        self.sync_session();
+        let at = now_ms();
+        self.d.fire(&Event::Disconnected { client: self.client.clone(), reason: self.reason.into(), disconnected_at: at });
+        tracing::debug!(clientid = %self.client.clientid, reason = self.reason, "client disconnected");
+    }
+
+    async fn publish_will(&mut self, will: rumqttd::protocol::LastWill, props: Option<rumqttd::protocol::LastWillProperties>) {
+        let Ok(topic) = std::str::from_utf8(&will.topic) else { return };
+        let msg = Arc::new(Message {
+            msgid: self.engine.msgids.next(),
+            sender: self.client.clientid.clone(),
+            username: self.client.username.clone(),
+            topic: topic.into(),
+            payload: will.message.clone(),
+            qos: will.qos as u8,
+            retain: will.retain,
+            timestamp: now_ms(),
+        });
+        self.d.publish(&msg, None).await;
+        let retain = will.retain && !self.d.retain_in_db(topic);
+        let publish = wire::build_publish(&will.topic, &will.message, 0, retain, 0);
+        let mut p = props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+            ..Default::default()
+        });
+        if self.meta {
+            p.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
+        }
+        self.engine.internal_publish(publish, p);
+    }
+}
+
+/// v4 cannot encode properties.
+fn strip_props(p: Packet) -> Packet {
+    match p {
+        Packet::PubRel(r, _) => Packet::PubRel(r, None),
+        Packet::PubComp(c, _) => Packet::PubComp(c, None),
+        Packet::PubAck(a, _) => Packet::PubAck(a, None),
+        Packet::PubRec(r, _) => Packet::PubRec(r, None),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        other => other,
+    }
+}

@@ -1,0 +1,142 @@
+//! The only file that knows rumqttd internals beyond its public API (ARCHITECTURE §2, trap 1):
+//! `Publish.{qos, pkid, dup}` are crate-private, so we read them from raw frames and build
+//! QoS>0 publishes through the public `Publish::deserialize`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol, Publish};
+
+/// MQTT 3.1.1 or 5, chosen per connection from the CONNECT protocol level.
+#[derive(Clone)]
+pub enum Codec {
+    V4(V4),
+    V5(V5),
+}
+
+impl Codec {
+    pub fn is_v5(&self) -> bool {
+        matches!(self, Codec::V5(_))
+    }
+
+    pub fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, rumqttd::protocol::Error> {
+        match self {
+            Codec::V4(c) => c.read_mut(buf, max),
+            Codec::V5(c) => c.read_mut(buf, max),
+        }
+    }
+
+    pub fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<usize, rumqttd::protocol::Error> {
+        match self {
+            Codec::V4(c) => c.write(packet, buf),
+            Codec::V5(c) => c.write(packet, buf),
+        }
+    }
+}
+
+/// Reads the fixed header: (packet type, header length, remaining length), if complete.
+fn fixed_header(buf: &[u8]) -> Option<(u8, usize, usize)> {
+    let first = *buf.first()?;
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= ((b & 0x7F) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((first, 2 + i, len));
+        }
+    }
+    None
+}
+
+/// The protocol level of a CONNECT at the start of `buf`: `Ok(None)` = need more bytes,
+/// `Err(())` = the first packet is not a CONNECT.
+#[allow(clippy::result_unit_err)]
+pub fn connect_level(buf: &[u8]) -> Result<Option<u8>, ()> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    if buf[0] >> 4 != 1 {
+        return Err(());
+    }
+    let Some((_, hl, _)) = fixed_header(buf) else {
+        return if buf.len() > 5 { Err(()) } else { Ok(None) };
+    };
+    let Some(name_len) = buf.get(hl..hl + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else {
+        return Ok(None);
+    };
+    Ok(buf.get(hl + 2 + name_len).copied())
+}
+
+/// QoS, packet id and dup of the PUBLISH at the start of `buf`, if that is what it holds.
+pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
+    let (first, hl, _) = fixed_header(buf)?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 3;
+    if qos == 0 {
+        return Some((0, 0));
+    }
+    let tl = u16::from_be_bytes([*buf.get(hl)?, *buf.get(hl + 1)?]) as usize;
+    let p = hl + 2 + tl;
+    Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
+}
+
+/// A publish with QoS and packet id set, built through the public serializer format.
+pub fn build_publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Publish {
+    let mut b = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    b.put_u8(0b0011_0000 | u8::from(retain) | (qos.min(2) << 1));
+    b.put_u16(if qos == 0 { 0 } else { pkid });
+    b.put_u16(topic.len() as u16);
+    b.extend_from_slice(topic);
+    b.extend_from_slice(payload);
+    Publish::deserialize(b.freeze())
+}
+
+/// The QoS of a decoded publish (re-encoding only the fixed header byte is not possible from
+/// outside, so this serializes: use on cold paths only).
+pub fn publish_qos(p: &Publish) -> u8 {
+    let mut tmp = p.clone();
+    tmp.payload = Bytes::new();
+    (tmp.serialize()[0] >> 1) & 3
+}
+
+/// rumqttd refuses client ids containing `+ $ # /`; MQTT allows them. Escape them (and `%`)
+/// reversibly so the router still sees one distinct name per client id.
+pub fn router_client_id(clientid: &str) -> String {
+    let mut out = String::with_capacity(clientid.len());
+    for c in clientid.chars() {
+        match c {
+            '%' | '+' | '$' | '#' | '/' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_publishes_carry_qos_and_pkid_through_the_codec() {
+        let p = build_publish(b"a/b", b"x", 1, true, 4242);
+        assert_eq!(publish_qos(&p), 1);
+        let mut buf = BytesMut::new();
+        V4.write(Packet::Publish(p, None), &mut buf).unwrap();
+        assert_eq!(peek_publish(&buf), Some((1, 4242)));
+        assert_eq!(buf[0] & 1, 1, "retain flag");
+    }
+
+    #[test]
+    fn connect_level_is_read_from_the_variable_header() {
+        let connect = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0];
+        assert_eq!(connect_level(&connect), Ok(Some(5)));
+        assert_eq!(connect_level(&connect[..5]), Ok(None));
+        assert_eq!(connect_level(&[0x30, 0]), Err(()));
+    }
+
+    #[test]
+    fn hostile_client_ids_get_distinct_router_names() {
+        assert_eq!(router_client_id("a/b"), "a%2Fb");
+        assert_ne!(router_client_id("a/b"), router_client_id("a%2Fb"));
+    }
+}

@@ -1,0 +1,571 @@
+//! The typed configuration: broker settings, and per loaded backend its pools and hook rules.
+//! Everything is validated here, once, so the running broker never matches strings.
+
+use super::grammar::{did_you_mean, ConfError, Entries, Entry, Origin};
+use crate::actions::{Builtin, Command, ParamStyle, Statement};
+use crate::hooks::Hook;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The databases of SPEC §1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Db {
+    Sqlite,
+    Pgsql,
+    Mysql,
+    Redis,
+    Mongo,
+    Cassa,
+}
+
+impl Db {
+    pub const ALL: [Db; 6] = [Db::Sqlite, Db::Pgsql, Db::Mysql, Db::Redis, Db::Mongo, Db::Cassa];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Db::Sqlite => "sqlite",
+            Db::Pgsql => "pgsql",
+            Db::Mysql => "mysql",
+            Db::Redis => "redis",
+            Db::Mongo => "mongo",
+            Db::Cassa => "cassa",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Db> {
+        Db::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// The key prefix of pool settings (`backend.ecql.` for Cassandra, an EMQX quirk).
+    pub fn pool_prefix(self) -> &'static str {
+        match self {
+            Db::Cassa => "backend.ecql.",
+            Db::Sqlite => "backend.sqlite.",
+            Db::Pgsql => "backend.pgsql.",
+            Db::Mysql => "backend.mysql.",
+            Db::Redis => "backend.redis.",
+            Db::Mongo => "backend.mongo.",
+        }
+    }
+
+    /// Pool attributes this database understands.
+    pub fn pool_keys(self) -> &'static [&'static str] {
+        match self {
+            Db::Sqlite => &["path", "synchronous", "busy_timeout", "auto_create_schema", "pool_size"],
+            Db::Pgsql => &["server", "pool_size", "username", "password", "database", "ssl", "ssl_mode", "cacertfile", "certfile", "keyfile", "prepare", "auto_create_schema", "connect_timeout"],
+            Db::Mysql => &["server", "pool_size", "user", "password", "database", "ssl", "cacertfile", "certfile", "keyfile", "auto_create_schema"],
+            Db::Redis => &["type", "server", "sentinel", "pool_size", "database", "password", "channel", "ssl", "cafile", "certfile", "keyfile"],
+            Db::Mongo => &["type", "rs_set_name", "srv_record", "server", "c_pool_size", "database", "login", "password", "auth_source", "ssl", "keyfile", "certfile", "cacertfile", "w_mode", "r_mode", "auto_create_schema"],
+            Db::Cassa => &["nodes", "size", "auto_reconnect", "username", "password", "keyspace", "logger", "auto_create_schema"],
+        }
+    }
+
+    /// EMQX 4 keys we accept and ignore (warned once), so old files load unchanged.
+    fn ignored_pool_keys(self) -> &'static [&'static str] {
+        &["auto_reconnect", "ssl_opts.keyfile", "ssl_opts.certfile", "ssl_opts.cacertfile", "pool_type", "batch_size", "encoding"]
+    }
+
+    pub fn param_style(self) -> ParamStyle {
+        match self {
+            Db::Pgsql => ParamStyle::Numbered,
+            _ => ParamStyle::Question,
+        }
+    }
+
+    /// The statement-list key of `action` for this database.
+    pub fn statement_key(self) -> &'static str {
+        match self {
+            Db::Sqlite | Db::Pgsql | Db::Mysql => "sql",
+            Db::Redis => "commands",
+            Db::Cassa => "cql",
+            Db::Mongo => "mongo",
+        }
+    }
+}
+
+impl fmt::Display for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A pool's raw attributes; each backend parses the ones it needs with typed getters that
+/// report errors at the attribute's origin.
+#[derive(Debug, Clone)]
+pub struct PoolConf {
+    pub db: Db,
+    pub name: String,
+    pub attrs: BTreeMap<String, Entry>,
+    pub origin: Origin,
+}
+
+impl PoolConf {
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.attrs.get(key).map(|e| e.value.as_str())
+    }
+
+    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.str(key).unwrap_or(default)
+    }
+
+    pub fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, ConfError> {
+        match self.attrs.get(key) {
+            None => Ok(default),
+            Some(e) => e.value.parse().map_err(|_| ConfError::new(&e.origin, format!("`{}` must be a number, found `{}`", e.key, e.value))),
+        }
+    }
+
+    pub fn flag(&self, key: &str, default: bool) -> Result<bool, ConfError> {
+        match self.attrs.get(key) {
+            None => Ok(default),
+            Some(e) => parse_bool(&e.value).ok_or_else(|| ConfError::new(&e.origin, format!("`{}` must be on/off, found `{}`", e.key, e.value))),
+        }
+    }
+
+    /// An error at an attribute (or at the pool when the attribute is absent).
+    pub fn error(&self, key: &str, message: impl Into<String>) -> ConfError {
+        let origin = self.attrs.get(key).map(|e| e.origin.clone()).unwrap_or_else(|| self.origin.clone());
+        ConfError::new(&origin, message)
+    }
+
+    /// `db:pool`, for logs and metrics.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.db, self.name)
+    }
+}
+
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" | "enable" | "enabled" => Some(true),
+        "off" | "false" | "0" | "no" | "disable" | "disabled" => Some(false),
+        _ => None,
+    }
+}
+
+/// `offline_opts` of fetch rules.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OfflineOpts {
+    pub max_returned_count: Option<u32>,
+    pub time_range: Option<Duration>,
+    /// Deliver `time_range` worth of messages on a first subscription instead of nothing.
+    pub first_subscribe_time_range: bool,
+}
+
+/// What a rule does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Builtin(Builtin),
+    Statements(Vec<Statement>),
+    Commands { pipeline: bool, commands: Vec<Command> },
+}
+
+/// One `backend.<db>.hook.<hook>.<N>` line.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub db: Db,
+    pub hook: Hook,
+    pub n: u32,
+    pub topic: Option<String>,
+    pub action: Action,
+    pub pool: String,
+    pub offline: OfflineOpts,
+    /// Redis TTL of stored messages.
+    pub expired_time: Duration,
+    pub payload_format: Option<String>,
+    pub origin: Origin,
+}
+
+impl Rule {
+    pub fn builtin(&self) -> Option<Builtin> {
+        match self.action {
+            Action::Builtin(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}.hook.{}.{}", self.db, self.hook, self.n)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConf {
+    pub db: Db,
+    pub file: PathBuf,
+    pub pools: BTreeMap<String, PoolConf>,
+    pub rules: Vec<Rule>,
+    pub message_ttl: Option<Duration>,
+    pub spool_dir: Option<PathBuf>,
+}
+
+/// No-loss mode (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoLoss {
+    /// On when a storing `message.publish` rule exists.
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConf {
+    pub node_name: Arc<str>,
+    pub node_id: u16,
+    pub listen: String,
+    pub plugins: Vec<Db>,
+    pub data_dir: PathBuf,
+    pub log_level: String,
+    pub metrics_listen: Option<String>,
+    pub no_loss: NoLoss,
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+    pub fetch_timeout: Duration,
+    pub max_packet_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub etc: PathBuf,
+    pub broker: BrokerConf,
+    pub backends: Vec<BackendConf>,
+    pub warnings: Vec<String>,
+}
+
+/// All errors of a load, so `check` can show every problem at once.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfErrors(pub Vec<ConfError>);
+
+impl fmt::Display for ConfErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+const BROKER_KEYS: &[&str] = &[
+    "node.name", "node.id", "listener.tcp.external", "plugins.load", "data.dir", "log.level", "metrics.listen",
+    "persist.no_loss", "persist.queue_capacity", "persist.batch_size", "persist.fetch_timeout", "mqtt.max_packet_size",
+];
+
+/// Command-line overrides, applied on top of files and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `etc/mqtt-persist.conf` and the plugin files it lists, with environment overrides.
+    pub fn load(etc: &Path, overrides: &Overrides) -> Result<Config, ConfErrors> {
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(super::grammar::ENV_PREFIX)).collect();
+        Self::load_with_env(etc, overrides, &env)
+    }
+
+    pub fn load_with_env(etc: &Path, overrides: &Overrides, env: &[(String, String)]) -> Result<Config, ConfErrors> {
+        let mut errors = Vec::new();
+        let mut entries = Entries::default();
+        let main = etc.join("mqtt-persist.conf");
+        if main.exists() {
+            if let Err(e) = entries.parse_file(&main, &mut errors) {
+                errors.push(ConfError::new(&Origin::Default, format!("cannot read {}: {e}", main.display())));
+            }
+        }
+        entries.apply_env(env, |k| !k.starts_with("backend."));
+        let mut warnings = std::mem::take(&mut entries.warnings);
+        for e in entries.map.values() {
+            if !BROKER_KEYS.contains(&e.key.as_str()) {
+                errors.push(ConfError::new(&e.origin, format!("unknown key `{}`{}", e.key, did_you_mean(&e.key, BROKER_KEYS.iter().copied()))));
+            }
+        }
+        let broker = broker_conf(&entries, overrides, &mut errors);
+        let mut backends = Vec::new();
+        for db in &broker.plugins {
+            let file = etc.join("plugins").join(format!("emqx_backend_{db}.conf"));
+            let mut pe = Entries::default();
+            if file.exists() {
+                if let Err(e) = pe.parse_file(&file, &mut errors) {
+                    errors.push(ConfError::new(&Origin::Default, format!("cannot read {}: {e}", file.display())));
+                }
+            } else {
+                errors.push(ConfError::new(&Origin::Default, format!("plugin `{db}` is listed in plugins.load but {} does not exist", file.display())));
+            }
+            let prefixes = [format!("backend.{db}."), db.pool_prefix().to_string()];
+            pe.apply_env(env, |k| prefixes.iter().any(|p| k.starts_with(p.as_str())));
+            warnings.append(&mut pe.warnings);
+            backends.push(backend_conf(*db, file, &pe, &broker, &mut errors, &mut warnings));
+        }
+        if errors.is_empty() {
+            Ok(Config { etc: etc.to_path_buf(), broker, backends, warnings })
+        } else {
+            Err(ConfErrors(errors))
+        }
+    }
+
+    /// Every rule of every loaded backend, in hook and `N` order.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.backends.iter().flat_map(|b| b.rules.iter())
+    }
+}
+
+fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> BrokerConf {
+    let get = |k: &str, d: &str| e.get(k).map(|x| x.value.clone()).unwrap_or_else(|| d.to_string());
+    let mut num = |k: &str, d: u64, max: u64| -> u64 {
+        match e.get(k) {
+            None => d,
+            Some(x) => match x.value.parse::<u64>() {
+                Ok(v) if v <= max => v,
+                _ => {
+                    errors.push(ConfError::new(&x.origin, format!("`{k}` must be an integer in 0..={max}, found `{}`", x.value)));
+                    d
+                }
+            },
+        }
+    };
+    let node_id = num("node.id", 1, 1023) as u16;
+    let queue_capacity = num("persist.queue_capacity", 100_000, u32::MAX as u64).max(1) as usize;
+    let batch_size = num("persist.batch_size", 1000, 65_535).max(1) as usize;
+    let max_packet_size = num("mqtt.max_packet_size", 1 << 20, 268_435_455) as usize;
+    let fetch_timeout = Duration::from_millis(num("persist.fetch_timeout", 5000, 600_000));
+    let mut plugins = Vec::new();
+    let load = get("plugins.load", "sqlite");
+    for name in load.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match Db::parse(name) {
+            Some(db) if !plugins.contains(&db) => plugins.push(db),
+            Some(_) => {}
+            None => {
+                let origin = e.get("plugins.load").map(|x| x.origin.clone()).unwrap_or(Origin::Default);
+                errors.push(ConfError::new(&origin, format!("unknown backend `{name}` in plugins.load{}", did_you_mean(name, Db::ALL.iter().map(|d| d.name())))));
+            }
+        }
+    }
+    let no_loss = match e.get("persist.no_loss") {
+        None => NoLoss::Auto,
+        Some(x) if x.value == "auto" => NoLoss::Auto,
+        Some(x) => match parse_bool(&x.value) {
+            Some(true) => NoLoss::On,
+            Some(false) => NoLoss::Off,
+            None => {
+                errors.push(ConfError::new(&x.origin, format!("`persist.no_loss` must be auto, on or off, found `{}`", x.value)));
+                NoLoss::Auto
+            }
+        },
+    };
+    let metrics_listen = e.get("metrics.listen").map(|x| x.value.clone()).filter(|v| !v.is_empty() && v != "off");
+    BrokerConf {
+        node_name: get("node.name", "mqtt-persist@127.0.0.1").into(),
+        node_id,
+        listen: ov.listen.clone().unwrap_or_else(|| get("listener.tcp.external", "0.0.0.0:1883")),
+        plugins,
+        data_dir: ov.data_dir.clone().unwrap_or_else(|| PathBuf::from(get("data.dir", "data"))),
+        log_level: get("log.level", "info"),
+        metrics_listen,
+        no_loss,
+        queue_capacity,
+        batch_size,
+        fetch_timeout,
+        max_packet_size,
+    }
+}
+
+fn backend_conf(db: Db, file: PathBuf, e: &Entries, broker: &BrokerConf, errors: &mut Vec<ConfError>, warnings: &mut Vec<String>) -> BackendConf {
+    let hook_prefix = format!("backend.{db}.hook.");
+    let global_prefix = format!("backend.{db}.");
+    let pool_prefix = db.pool_prefix();
+    let mut pools: BTreeMap<String, PoolConf> = BTreeMap::new();
+    let mut raw_rules = Vec::new();
+    let mut defaults = OfflineOpts::default();
+    let mut message_ttl = None;
+    let mut spool_dir = None;
+    let mut ignored_once = std::collections::HashSet::new();
+    for entry in e.map.values() {
+        let key = entry.key.as_str();
+        if let Some(rest) = key.strip_prefix(&hook_prefix) {
+            raw_rules.push((rest, entry));
+            continue;
+        }
+        let global = key.strip_prefix(&global_prefix);
+        match global {
+            Some("max_returned_count") => {
+                match entry.value.parse() {
+                    Ok(v) => defaults.max_returned_count = Some(v),
+                    Err(_) => errors.push(ConfError::new(&entry.origin, "`max_returned_count` must be an integer")),
+                }
+                continue;
+            }
+            Some("time_range") => {
+                match parse_duration(&entry.value) {
+                    Ok(v) => defaults.time_range = v,
+                    Err(m) => errors.push(ConfError::new(&entry.origin, m)),
+                }
+                continue;
+            }
+            Some("message_ttl") => {
+                match parse_duration(&entry.value) {
+                    Ok(v) => message_ttl = v,
+                    Err(m) => errors.push(ConfError::new(&entry.origin, m)),
+                }
+                continue;
+            }
+            Some("spool.dir") => {
+                spool_dir = Some(PathBuf::from(&entry.value)).filter(|p| !p.as_os_str().is_empty());
+                continue;
+            }
+            Some(g) if g.starts_with("topology.") || g.starts_with("msg.") => {
+                warnings.push(format!("{}: `{key}` is accepted for EMQX compatibility and ignored", entry.origin));
+                continue;
+            }
+            _ => {}
+        }
+        let Some(rest) = key.strip_prefix(pool_prefix) else {
+            errors.push(ConfError::new(&entry.origin, format!("unknown key `{key}` in the {db} conf: expected `{pool_prefix}<pool>.<attr>` or `backend.{db}.hook.<hook>.<N>`")));
+            continue;
+        };
+        let Some((pool, attr)) = rest.split_once('.') else {
+            errors.push(ConfError::new(&entry.origin, format!("unknown key `{key}`: expected `{pool_prefix}<pool>.<attr>`")));
+            continue;
+        };
+        if db.ignored_pool_keys().contains(&attr) {
+            if ignored_once.insert(attr.to_string()) {
+                warnings.push(format!("{}: `{attr}` is accepted for EMQX compatibility and ignored", entry.origin));
+            }
+            continue;
+        }
+        if !db.pool_keys().contains(&attr) {
+            errors.push(ConfError::new(&entry.origin, format!("unknown {db} pool setting `{attr}`{}", did_you_mean(attr, db.pool_keys().iter().copied()))));
+            continue;
+        }
+        let p = pools.entry(pool.to_string()).or_insert_with(|| PoolConf { db, name: pool.to_string(), attrs: BTreeMap::new(), origin: entry.origin.clone() });
+        p.attrs.insert(attr.to_string(), entry.clone());
+    }
+    let mut rules = Vec::new();
+    for (rest, entry) in raw_rules {
+        match parse_rule(db, rest, entry, &pools, &defaults) {
+            Ok(r) => {
+                if r.topic.is_some() && !r.hook.has_topic() {
+                    warnings.push(format!("{}: `topic` is ignored on {} rules", entry.origin, r.hook));
+                }
+                rules.push(r)
+            }
+            Err(m) => errors.push(ConfError::new(&entry.origin, m)),
+        }
+    }
+    rules.sort_by_key(|r| (r.hook, r.n));
+    let _ = broker;
+    BackendConf { db, file, pools, rules, message_ttl, spool_dir }
+}
+
+/// `2h`, `30m`, `45s`, `1d`, plain seconds, or `infinity`/`0`/`off` for none.
+pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
+    let s = s.trim().trim_matches('"');
+    if matches!(s, "infinity" | "off" | "0" | "") {
+        return Ok(None);
+    }
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'd')) => (&s[..i], 86_400),
+        Some((i, 'h')) => (&s[..i], 3_600),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 's')) => (&s[..i], 1),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().map(|n| Some(Duration::from_secs(n * mult))).map_err(|_| format!("invalid duration `{s}`: expected e.g. `2h`, `30m`, `10s`, `1d` or `infinity`"))
+}
+
+fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolConf>, defaults: &OfflineOpts) -> Result<Rule, String> {
+    let Some((hook_name, n)) = rest.rsplit_once('.') else {
+        return Err(format!("malformed hook key `{}`: expected `backend.{db}.hook.<hook>.<N>`", entry.key));
+    };
+    let hook = Hook::parse(hook_name).ok_or_else(|| format!("unknown hook `{hook_name}`{}", did_you_mean(hook_name, Hook::all_names())))?;
+    let n: u32 = n.parse().map_err(|_| format!("hook rule number must be an integer, found `{n}` in `{}`", entry.key))?;
+    let json: serde_json::Value = serde_json::from_str(&entry.value).map_err(|e| format!("invalid JSON value: {e}"))?;
+    let obj = json.as_object().ok_or("hook value must be a JSON object")?;
+    for k in obj.keys() {
+        if !["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"].contains(&k.as_str()) {
+            return Err(format!("unknown field `{k}` in hook rule{}", did_you_mean(k, ["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"])));
+        }
+    }
+    let topic = match obj.get("topic") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(t)) if crate::topic::valid_filter(t) => Some(t.clone()),
+        Some(t) => return Err(format!("`topic` must be a valid MQTT topic filter, found {t}")),
+    };
+    let pool = match obj.get("pool") {
+        Some(serde_json::Value::String(p)) => p.clone(),
+        None if pools.len() == 1 => pools.keys().next().cloned().unwrap_or_default(),
+        _ => return Err("`pool` must name a configured pool".into()),
+    };
+    if !pools.contains_key(&pool) {
+        let names: Vec<&str> = pools.keys().map(String::as_str).collect();
+        return Err(format!("unknown pool `{pool}`{} (configured: {})", did_you_mean(&pool, names.iter().copied()), if names.is_empty() { "none".to_string() } else { names.join(", ") }));
+    }
+    let action = obj.get("action").and_then(|a| a.as_object()).ok_or("`action` must be an object with `function` or a statement list")?;
+    let action = if let Some(f) = action.get("function") {
+        let name = f.as_str().ok_or("`action.function` must be a string")?;
+        let b = Builtin::parse(name, db).ok_or_else(|| format!("unknown function `{name}`{}", did_you_mean(name, Builtin::names())))?;
+        if b.hook() != hook {
+            return Err(format!("function `{name}` belongs to hook {}, not {hook}", b.hook()));
+        }
+        Action::Builtin(b)
+    } else {
+        let key = db.statement_key();
+        let list = match action.get(key) {
+            Some(serde_json::Value::Array(items)) => items.iter().map(|i| i.as_str().map(str::to_string).ok_or(format!("`action.{key}` items must be strings"))).collect::<Result<Vec<_>, _>>()?,
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            _ => {
+                let found = action.keys().next().map(|k| format!(" (found `{k}`)")).unwrap_or_default();
+                return Err(format!("`action` needs `function` or `{key}` for {db}{found}"));
+            }
+        };
+        match db {
+            Db::Redis => {
+                let pipeline = list.first().is_some_and(|s| s.eq_ignore_ascii_case("pipeline"));
+                let commands = list.iter().skip(usize::from(pipeline)).map(|c| Command::compile(c, hook).map_err(|e| format!("in `{c}`: {e}"))).collect::<Result<Vec<_>, _>>()?;
+                Action::Commands { pipeline, commands }
+            }
+            _ => {
+                let stmts = list.iter().map(|s| Statement::compile(s, db.param_style(), hook).map_err(|e| format!("in `{s}`: {e}"))).collect::<Result<Vec<_>, _>>()?;
+                Action::Statements(stmts)
+            }
+        }
+    };
+    let mut offline = defaults.clone();
+    if let Some(o) = obj.get("offline_opts") {
+        let o = o.as_object().ok_or("`offline_opts` must be an object")?;
+        for (k, v) in o {
+            match k.as_str() {
+                "max_returned_count" => offline.max_returned_count = Some(v.as_u64().ok_or("`max_returned_count` must be a non-negative integer")? as u32),
+                "time_range" => {
+                    let s = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Number(n) => n.to_string(),
+                        _ => return Err("`time_range` must be a duration string like \"2h\"".into()),
+                    };
+                    offline.time_range = parse_duration(&s)?;
+                }
+                "first_subscribe" => offline.first_subscribe_time_range = v.as_str() == Some("time_range"),
+                other => return Err(format!("unknown field `{other}` in offline_opts")),
+            }
+        }
+    }
+    let expired_time = match obj.get("expired_time") {
+        None => 7200,
+        Some(v) => match v.as_i64() {
+            Some(s) if s > 0 => s as u64,
+            Some(_) => 7200,
+            None => return Err("`expired_time` must be an integer (seconds)".into()),
+        },
+    };
+    let payload_format = match obj.get("payload_format") {
+        None => None,
+        Some(serde_json::Value::String(s)) if s == "mongo_json" || s == "plain_text" => Some(s.clone()),
+        Some(v) => return Err(format!("`payload_format` must be \"mongo_json\" or \"plain_text\", found {v}")),
+    };
+    Ok(Rule { db, hook, n, topic, action, pool, offline, expired_time: Duration::from_secs(expired_time), payload_format, origin: entry.origin.clone() })
+}

@@ -1,0 +1,279 @@
+//! Rules per hook, in `N` order, each bound to its pool. Turns events into queued writes
+//! (never waiting on the database, except the no-loss back-pressure) and runs the reads that
+//! subscribe and connect rules need.
+
+use super::event::{now_ms, Client, Event, Hook, Message};
+use crate::actions::{Builtin, Command, Statement};
+use crate::backends::queue::{Job, Ticket, WriteQueue};
+use crate::backends::{Backend, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use crate::config::{Action, Config, NoLoss, Rule};
+use crate::metrics::{Registry, RuleMetrics};
+use crate::topic;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A connected pool: the backend and the queue in front of it.
+pub struct Pool {
+    pub backend: Arc<dyn Backend>,
+    pub queue: WriteQueue,
+}
+
+struct Bound {
+    rule: Rule,
+    pool: Arc<Pool>,
+    metrics: Arc<RuleMetrics>,
+    stmts: Option<Arc<[Statement]>>,
+    cmds: Option<(bool, Arc<[Command]>)>,
+}
+
+impl Bound {
+    fn matches(&self, ev_topic: Option<&str>) -> bool {
+        match (&self.rule.topic, ev_topic) {
+            (None, _) | (_, None) => true,
+            // Session hooks test the subscription filter string as if it were a topic (EMQX).
+            (Some(f), Some(t)) => topic::matches(t, f),
+        }
+    }
+
+    /// The custom statement/command op for an event, if this rule has one.
+    fn custom_op(&self, ev: &Event, node: &Arc<str>) -> Option<WriteOp> {
+        if let Some(stmts) = &self.stmts {
+            let params = stmts.iter().map(|s| s.bind(ev, node)).collect();
+            return Some(WriteOp::Statements { stmts: stmts.clone(), params });
+        }
+        if let Some((pipeline, cmds)) = &self.cmds {
+            let args = cmds.iter().map(|c| c.bind(ev, node)).collect();
+            return Some(WriteOp::Commands { pipeline: *pipeline, commands: cmds.clone(), args });
+        }
+        None
+    }
+}
+
+/// A stored message to deliver to one subscriber.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    pub msg: StoredMessage,
+    /// From a retained lookup: delivered with the retain flag.
+    pub retained: bool,
+}
+
+pub struct Dispatcher {
+    node: Arc<str>,
+    hooks: BTreeMap<Hook, Vec<Bound>>,
+    no_loss: bool,
+    retain_in_db: Vec<Option<String>>,
+    has_retain_lookup: bool,
+    fetch_timeout: Duration,
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl Dispatcher {
+    /// Binds rules to connected pools (keyed `db:pool`).
+    pub fn new(conf: &Config, pools: &BTreeMap<String, Arc<Pool>>, registry: &Registry) -> Dispatcher {
+        let mut hooks: BTreeMap<Hook, Vec<Bound>> = BTreeMap::new();
+        let mut metrics = registry.rules.lock();
+        metrics.clear();
+        for rule in conf.rules() {
+            let Some(pool) = pools.get(&format!("{}:{}", rule.db, rule.pool)) else { continue };
+            let m = RuleMetrics::new(rule.label());
+            metrics.push(m.clone());
+            let (stmts, cmds) = match &rule.action {
+                Action::Statements(s) => (Some(Arc::from(s.clone())), None),
+                Action::Commands { pipeline, commands } => (None, Some((*pipeline, Arc::from(commands.clone())))),
+                Action::Builtin(_) => (None, None),
+            };
+            hooks.entry(rule.hook).or_default().push(Bound { rule: rule.clone(), pool: pool.clone(), metrics: m, stmts, cmds });
+        }
+        for rules in hooks.values_mut() {
+            rules.sort_by_key(|b| (b.rule.n, b.rule.db));
+        }
+        let storing = hooks.get(&Hook::MessagePublish).is_some_and(|r| r.iter().any(|b| b.rule.builtin().is_none_or(Builtin::stores_message)));
+        let no_loss = match conf.broker.no_loss {
+            NoLoss::On => true,
+            NoLoss::Off => false,
+            NoLoss::Auto => storing,
+        };
+        let retain_in_db = hooks.get(&Hook::MessagePublish).map(|r| r.iter().filter(|b| b.rule.builtin() == Some(Builtin::MessageRetain)).map(|b| b.rule.topic.clone()).collect()).unwrap_or_default();
+        let has_retain_lookup = hooks.get(&Hook::SessionSubscribed).is_some_and(|r| r.iter().any(|b| b.rule.builtin() == Some(Builtin::RetainLookup)));
+        let mut seen = HashSet::new();
+        let pools = pools.values().filter(|p| seen.insert(p.queue.label().to_string())).cloned().collect();
+        Dispatcher { node: conf.broker.node_name.clone(), hooks, no_loss, retain_in_db, has_retain_lookup, fetch_timeout: conf.broker.fetch_timeout, pools }
+    }
+
+    pub fn node(&self) -> &Arc<str> {
+        &self.node
+    }
+
+    pub fn has(&self, hook: Hook) -> bool {
+        self.hooks.get(&hook).is_some_and(|r| !r.is_empty())
+    }
+
+    pub fn no_loss(&self) -> bool {
+        self.no_loss
+    }
+
+    /// Deliveries must carry the msgid across the router (delivered/acked rules, fetch dedup).
+    pub fn needs_meta(&self) -> bool {
+        self.has(Hook::MessageDelivered) || self.has(Hook::MessageAcked) || self.has(Hook::SessionSubscribed)
+    }
+
+    /// When the database keeps retained messages and serves lookups, the router must not
+    /// deliver its own copy as well (one copy per topic, SPEC §3.2).
+    pub fn retain_in_db(&self, topic: &str) -> bool {
+        self.has_retain_lookup && self.retain_in_db.iter().any(|f| f.as_deref().is_none_or(|f| topic::matches(topic, f)))
+    }
+
+    fn rules(&self, hook: Hook) -> &[Bound] {
+        self.hooks.get(&hook).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// `message.publish`. With a ticket (no-loss, QoS>0), storing writes hold it and wait for
+    /// queue room; everything else is fire-and-forget.
+    pub async fn publish(&self, msg: &Arc<Message>, ticket: Option<&Arc<Ticket>>) {
+        let ev = Event::Publish { msg: msg.clone() };
+        for b in self.rules(Hook::MessagePublish) {
+            if !b.matches(Some(&msg.topic)) {
+                continue;
+            }
+            RuleMetrics::inc(&b.metrics.matched);
+            let empty_retained = msg.retain && msg.payload.is_empty();
+            let (op, stores) = match b.rule.builtin() {
+                Some(Builtin::MessagePublish) if msg.qos > 0 && !empty_retained => (WriteOp::StoreMessage { msg: msg.clone(), ttl: b.rule.expired_time }, true),
+                Some(Builtin::MessageStore) if !empty_retained => (WriteOp::StoreMessage { msg: msg.clone(), ttl: b.rule.expired_time }, true),
+                Some(Builtin::StoreKeepLatest) if !empty_retained => (WriteOp::StoreLatest { msg: msg.clone(), ttl: b.rule.expired_time }, true),
+                Some(Builtin::MessageRetain) if msg.retain && !msg.payload.is_empty() => (WriteOp::RetainUpsert { msg: msg.clone() }, false),
+                Some(Builtin::RetainDelete) if empty_retained => (WriteOp::RetainDelete { topic: msg.topic.clone() }, false),
+                Some(_) => continue,
+                None => match b.custom_op(&ev, &self.node) {
+                    Some(op) => (op, true),
+                    None => continue,
+                },
+            };
+            let job = Job { op, rule: b.metrics.clone(), ticket: None };
+            match ticket {
+                Some(t) if stores || msg.retain => {
+                    b.pool.queue.push(Job { ticket: Some(t.clone()), ..job }).await;
+                }
+                _ => {
+                    b.pool.queue.try_push(job);
+                }
+            }
+        }
+    }
+
+    /// Every other hook's writes: never waits.
+    pub fn fire(&self, ev: &Event) {
+        for b in self.rules(ev.hook()) {
+            if !b.matches(ev.topic()) {
+                continue;
+            }
+            let op = match (b.rule.builtin(), ev) {
+                (Some(Builtin::ClientConnected), Event::Connected { client }) => WriteOp::ClientConnected { clientid: client.clientid.clone(), node: self.node.clone(), connected_at: client.connected_at },
+                (Some(Builtin::ClientDisconnected), Event::Disconnected { client, disconnected_at, .. }) => {
+                    WriteOp::ClientDisconnected { clientid: client.clientid.clone(), connected_at: client.connected_at, disconnected_at: *disconnected_at }
+                }
+                (Some(Builtin::AckedDelete), Event::Unsubscribed { client, filter }) => WriteOp::DeletePointer { clientid: client.clientid.clone(), filter: filter.clone() },
+                (Some(Builtin::MessageAcked), Event::Acked { client, msgid, filters, .. }) if !filters.is_empty() => {
+                    WriteOp::AdvancePointer { clientid: client.clientid.clone(), filters: filters.clone(), msgid: *msgid }
+                }
+                (Some(Builtin::AckedForQueue), Event::Acked { msgid, topic, .. }) => WriteOp::DeleteMessage { msgid: *msgid, topic: topic.clone() },
+                (Some(Builtin::AckedForKeepLatest), Event::Acked { msgid, topic, .. }) => WriteOp::DeleteLatest { topic: topic.clone(), msgid: *msgid },
+                (Some(_), _) => continue,
+                (None, ev) => match b.custom_op(ev, &self.node) {
+                    Some(op) => op,
+                    None => continue,
+                },
+            };
+            RuleMetrics::inc(&b.metrics.matched);
+            b.pool.queue.try_push(Job { op, rule: b.metrics.clone(), ticket: None });
+        }
+    }
+
+    /// `session.subscribed`: queue custom writes, then read what must be delivered to this
+    /// client before the subscription's live traffic. `is_new`: new in this session.
+    pub async fn subscribed(&self, client: &Arc<Client>, filter: &Arc<str>, qos: u8, is_new: bool) -> Vec<Injection> {
+        let ev = Event::Subscribed { client: client.clone(), filter: filter.clone(), qos };
+        self.fire(&ev);
+        let mut out: Vec<Injection> = Vec::new();
+        let mut seen = HashSet::new();
+        for b in self.rules(Hook::SessionSubscribed) {
+            let Some(f) = b.rule.builtin().filter(|f| f.delivers_stored()) else { continue };
+            if !is_new || !b.matches(Some(filter)) {
+                continue;
+            }
+            let kind = match f {
+                Builtin::MessageFetch => FetchKind::Pointer,
+                Builtin::FetchForQueue => FetchKind::Queue,
+                Builtin::FetchForKeepLatest => FetchKind::KeepLatest,
+                _ => FetchKind::Pointer,
+            };
+            if f != Builtin::RetainLookup && qos == 0 {
+                continue;
+            }
+            RuleMetrics::inc(&b.metrics.matched);
+            let read = async {
+                if f == Builtin::RetainLookup {
+                    b.pool.backend.retained(filter).await
+                } else {
+                    let req = FetchRequest { clientid: client.clientid.clone(), filter: filter.clone(), kind, opts: b.rule.offline.clone(), now: now_ms() };
+                    b.pool.backend.fetch(&req).await
+                }
+            };
+            match tokio::time::timeout(self.fetch_timeout, read).await {
+                Ok(Ok(msgs)) => {
+                    RuleMetrics::inc(&b.metrics.success);
+                    let retained = f == Builtin::RetainLookup;
+                    out.extend(msgs.into_iter().filter(|m| seen.insert((retained, m.msgid))).map(|msg| Injection { msg, retained }));
+                }
+                Ok(Err(e)) => {
+                    RuleMetrics::inc(&b.metrics.failed);
+                    tracing::warn!(rule = %b.metrics.label, clientid = %client.clientid, error = %e, "subscribe lookup failed");
+                }
+                Err(_) => {
+                    RuleMetrics::inc(&b.metrics.failed);
+                    tracing::warn!(rule = %b.metrics.label, clientid = %client.clientid, "subscribe lookup timed out");
+                }
+            }
+        }
+        out
+    }
+
+    /// `on_subscribe_lookup`: the client's stored subscriptions.
+    pub async fn subscribe_lookup(&self, client: &Arc<Client>) -> Vec<(String, u8)> {
+        let mut out = Vec::new();
+        for b in self.rules(Hook::ClientConnected) {
+            if b.rule.builtin() != Some(Builtin::SubscribeLookup) {
+                continue;
+            }
+            RuleMetrics::inc(&b.metrics.matched);
+            match tokio::time::timeout(self.fetch_timeout, b.pool.backend.subscriptions(&client.clientid)).await {
+                Ok(Ok(subs)) => {
+                    RuleMetrics::inc(&b.metrics.success);
+                    for (f, q) in subs {
+                        if topic::valid_filter(&f) && !out.iter().any(|(o, _)| *o == f) {
+                            out.push((f, q.min(2)));
+                        } else if !topic::valid_filter(&f) {
+                            tracing::warn!(clientid = %client.clientid, filter = %f, "ignoring invalid stored subscription");
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    RuleMetrics::inc(&b.metrics.failed);
+                    tracing::warn!(rule = %b.metrics.label, error = %e, "subscription lookup failed");
+                }
+                Err(_) => {
+                    RuleMetrics::inc(&b.metrics.failed);
+                    tracing::warn!(rule = %b.metrics.label, "subscription lookup timed out");
+                }
+            }
+        }
+        out
+    }
+
+    /// True when any `client.connected` rule subscribes clients from the database.
+    pub fn has_subscribe_lookup(&self) -> bool {
+        self.rules(Hook::ClientConnected).iter().any(|b| b.rule.builtin() == Some(Builtin::SubscribeLookup))
+    }
+
+}

@@ -1,0 +1,22 @@
+//! mqtt-persist: an MQTT broker (rumqttd's router behind our own connection layer) that writes
+//! broker events to databases the way EMQX 4 "backend" plugins did.
+//!
+//! Data flows `config → broker → hooks → actions → backends`: see ARCHITECTURE.md.
+
+pub mod actions;
+pub mod app;
+pub mod backends;
+pub mod broker;
+pub mod config;
+pub mod hooks;
+pub mod metrics;
+pub mod topic;
+
+/// `mqtt-persist schema print <db>`.
+pub fn schema(db: config::Db) -> Option<&'static str> {
+    match db {
+        #[cfg(feature = "sqlite")]
+        config::Db::Sqlite => Some(backends::sqlite::SCHEMA),
+        _ => None,
+    }
+}

@@ -1,0 +1,165 @@
+//! The `mqtt-persist` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mqtt_persist::config::{Config, Db, Overrides};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "mqtt-persist", version, about = "MQTT broker that persists broker events to databases (EMQX 4 backend compatible)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct RunArgs {
+    /// Configuration directory holding mqtt-persist.conf and plugins/
+    #[arg(long, default_value = "etc", global = true)]
+    etc: PathBuf,
+    /// MQTT listen address, e.g. 127.0.0.1:1883 (port 0 picks a free port)
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory for SQLite files and spools
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker (the default)
+    Run(RunArgs),
+    /// Validate the configuration; exits non-zero naming file:line on errors
+    Check {
+        /// Also connect to every configured pool and report its state
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Print database schemas
+    Schema {
+        #[command(subcommand)]
+        action: SchemaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaCmd {
+    /// Print the schema of one database: sqlite, pgsql, mysql, redis, mongo, cassa
+    Print { db: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Schema { action: SchemaCmd::Print { db } }) => match Db::parse(&db).and_then(mqtt_persist::schema) {
+            Some(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("no schema for `{db}` in this build (known: sqlite)");
+                ExitCode::from(2)
+            }
+        },
+        Some(Cmd::Check { connect }) => check(&cli.run.etc, connect),
+        Some(Cmd::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+fn load(args: &RunArgs) -> Result<Config, ExitCode> {
+    let ov = Overrides { listen: args.listen.clone(), data_dir: args.data_dir.clone() };
+    Config::load(&args.etc, &ov).map_err(|errs| {
+        eprintln!("{errs}");
+        eprintln!("configuration has {} error(s)", errs.0.len());
+        ExitCode::from(2)
+    })
+}
+
+fn check(etc: &std::path::Path, connect: bool) -> ExitCode {
+    let args = RunArgs { etc: etc.to_path_buf(), ..Default::default() };
+    let conf = match load(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for w in &conf.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut bad = false;
+    for b in &conf.backends {
+        for p in b.pools.values() {
+            if let Err(e) = mqtt_persist::backends::validate(p) {
+                eprintln!("{e}");
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        return ExitCode::from(2);
+    }
+    let rules: usize = conf.backends.iter().map(|b| b.rules.len()).sum();
+    println!("configuration ok: {} backend(s), {} rule(s)", conf.backends.len(), rules);
+    if connect {
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let failed = rt.block_on(async {
+            let mut failed = false;
+            println!("{:<20} {}", "POOL", "STATE");
+            for b in &conf.backends {
+                for p in b.pools.values() {
+                    let state = match mqtt_persist::backends::connect(p, &conf.broker.data_dir).await {
+                        Ok(backend) => match backend.ping().await {
+                            Ok(()) => "ok".to_string(),
+                            Err(e) => format!("error: {e}"),
+                        },
+                        Err(e) => format!("error: {}", e.message),
+                    };
+                    failed |= state != "ok";
+                    println!("{:<20} {}", p.label(), state);
+                }
+            }
+            failed
+        });
+        if failed {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let conf = match load(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},rumqttd=warn", conf.broker.log_level)));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    for w in &conf.warnings {
+        tracing::warn!("{w}");
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(serve(conf)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(conf: Config) -> anyhow::Result<()> {
+    let broker = mqtt_persist::app::start(&conf).await.map_err(anyhow::Error::msg)?;
+    let plugins: Vec<&str> = conf.broker.plugins.iter().map(|d| d.name()).collect();
+    tracing::info!(addr = %broker.addr, node = %conf.broker.node_name, plugins = %plugins.join(","), "mqtt-persist listening on {}", broker.addr);
+    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+    tracing::info!("shutting down: draining write queues");
+    broker.stop_accepting();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let d = broker.engine.dispatcher();
+    while std::time::Instant::now() < deadline && d.pools.iter().any(|p| p.queue.room() < conf.broker.queue_capacity) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! MQTT topic names and filters: validation and matching, shared by the broker, the rule
+//! dispatcher and every backend so that all of them agree on what "matches" means.
+
+/// True when `topic` (a concrete topic name) matches `filter` (which may hold `+` and `#`).
+///
+/// Topics starting with `$` never match a filter whose first level is a wildcard (MQTT 4.7.2).
+pub fn matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// True when every topic matched by `inner` is also matched by `outer` (both filters).
+/// Used for session-hook rules: a rule with topic `a/#` covers a subscription to `a/+`.
+pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
+    loop {
+        match (o.next(), i.next()) {
+            (Some("#"), _) => return !(inner.starts_with('$') && outer.starts_with('#')),
+            (Some("+"), Some(il)) if il != "#" => {
+                if il.starts_with('$') && outer.starts_with('+') && inner.starts_with(il) {
+                    return false;
+                }
+            }
+            (Some(ol), Some(il)) if ol == il => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A valid topic name for PUBLISH: non-empty, no wildcards, no NUL.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// A valid subscription filter: `#` only as the last level, `+` only as a whole level.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == last,
+        "+" => true,
+        other => !other.contains(['+', '#']),
+    })
+}
+
+pub fn has_wildcards(filter: &str) -> bool {
+    filter.contains(['+', '#'])
+}
+
+/// The literal part of a filter before its first wildcard level, e.g. `a/b/` for `a/b/+/c`.
+/// Backends use it to narrow an index range scan before exact matching.
+pub fn literal_prefix(filter: &str) -> &str {
+    match filter.find(['+', '#']) {
+        Some(i) => &filter[..i],
+        None => filter,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching_follows_mqtt_rules() {
+        assert!(matches("a/b/c", "a/+/c"));
+        assert!(matches("a/b/c", "a/#"));
+        assert!(matches("a", "a/#"));
+        assert!(matches("a/b", "#"));
+        assert!(!matches("a/b/c", "a/+"));
+        assert!(!matches("$SYS/x", "#"));
+        assert!(!matches("$SYS/x", "+/x"));
+        assert!(matches("$SYS/x", "$SYS/#"));
+        assert!(matches("/a", "+/a"));
+        assert!(!matches("a/b", "a/b/c"));
+    }
+
+    #[test]
+    fn filters_cover_narrower_filters() {
+        assert!(filter_covers("#", "a/+"));
+        assert!(filter_covers("a/#", "a/+/c"));
+        assert!(filter_covers("a/+", "a/b"));
+        assert!(!filter_covers("a/+", "a/#"));
+        assert!(!filter_covers("a/b", "a/+"));
+        assert!(!filter_covers("#", "$SYS/#"));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(valid_filter("a/+/#"));
+        assert!(!valid_filter("a/#/b"));
+        assert!(!valid_filter("a/b+"));
+        assert!(valid_topic("a/b"));
+        assert!(!valid_topic("a/+"));
+        assert_eq!(literal_prefix("a/b/+/c"), "a/b/");
+        assert_eq!(literal_prefix("a/b"), "a/b");
+    }
+}
+
+/// A half-open byte range `[lo, hi)` containing every topic a filter can match, for index range
+/// scans; `None` when the filter starts with a wildcard (no narrowing possible).
+pub fn prefix_range(filter: &str) -> Option<(String, String)> {
+    let prefix = literal_prefix(filter);
+    if !has_wildcards(filter) {
+        return Some((filter.to_string(), format!("{filter}\0")));
+    }
+    // A literal prefix before a wildcard level ends with '/', whose successor byte is '0'.
+    let stem = prefix.strip_suffix('/')?;
+    Some((prefix.to_string(), format!("{stem}0")))
+}

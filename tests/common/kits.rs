@@ -1,0 +1,105 @@
+//! One kit per backend: isolated storage for one test, the pool lines of its conf, and direct
+//! reads of what the broker wrote, straight from the real database.
+#![allow(async_fn_in_trait)]
+
+use std::path::PathBuf;
+
+pub trait Kit: Sized {
+    const DB: &'static str;
+    /// Fresh, isolated storage (file, database, key space) with the custom table `t(c, p)`.
+    async fn new() -> Self;
+    /// `backend.<db>.pool1.*` lines.
+    fn pool_conf(&self) -> String;
+    /// The action of a custom rule that stores `${clientid}` and `${payload}` into `t`.
+    fn custom_action(&self) -> String;
+    async fn client_state(&self, clientid: &str) -> Option<i64>;
+    async fn stored_count(&self, topic: &str) -> i64;
+    async fn retained(&self, topic: &str) -> Option<Vec<u8>>;
+    async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>>;
+    async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64);
+
+    /// The plugin conf: pools, the default rule set, and the custom rule on `custom/#`.
+    fn plugin_conf(&self) -> String {
+        let db = Self::DB;
+        let r = |hook: &str, n: u32, topic: &str, f: &str| format!("backend.{db}.hook.{hook}.{n} = {{\"topic\": \"{topic}\", \"action\": {{\"function\": \"{f}\"}}, \"pool\": \"pool1\"}}\n");
+        let mut s = self.pool_conf();
+        s.push_str(&format!("backend.{db}.hook.client.connected.1 = {{\"action\": {{\"function\": \"on_client_connected\"}}, \"pool\": \"pool1\"}}\n"));
+        s.push_str(&format!("backend.{db}.hook.client.connected.2 = {{\"action\": {{\"function\": \"on_subscribe_lookup\"}}, \"pool\": \"pool1\"}}\n"));
+        s.push_str(&format!("backend.{db}.hook.client.disconnected.1 = {{\"action\": {{\"function\": \"on_client_disconnected\"}}, \"pool\": \"pool1\"}}\n"));
+        s.push_str(&r("session.subscribed", 1, "#", "on_message_fetch"));
+        s.push_str(&r("session.subscribed", 2, "#", "on_retain_lookup"));
+        s.push_str(&r("session.subscribed", 3, "queue/#", "on_message_fetch_for_queue"));
+        s.push_str(&r("session.unsubscribed", 1, "#", "on_acked_delete"));
+        s.push_str(&r("message.publish", 1, "#", "on_message_publish"));
+        s.push_str(&r("message.publish", 2, "#", "on_message_retain"));
+        s.push_str(&r("message.publish", 3, "#", "on_retain_delete"));
+        s.push_str(&r("message.acked", 1, "#", "on_message_acked"));
+        s.push_str(&r("message.acked", 2, "queue/#", "on_message_acked_for_queue"));
+        s.push_str(&format!("backend.{db}.hook.message.publish.9 = {{\"topic\": \"custom/#\", \"action\": {}, \"pool\": \"pool1\"}}\n", self.custom_action()));
+        s
+    }
+}
+
+pub struct SqliteKit {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl SqliteKit {
+    fn conn(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(&self.path).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        c
+    }
+}
+
+impl Kit for SqliteKit {
+    const DB: &'static str = "sqlite";
+
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kit.db");
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(mqtt_persist::backends::sqlite::SCHEMA).unwrap();
+        c.execute_batch("CREATE TABLE t (c TEXT, p BLOB)").unwrap();
+        SqliteKit { _dir: dir, path }
+    }
+
+    fn pool_conf(&self) -> String {
+        format!("backend.sqlite.pool1.path = {}\n", self.path.display())
+    }
+
+    fn custom_action(&self) -> String {
+        r#"{"sql": ["insert into t(c, p) values (${clientid}, ${payload})"]}"#.to_string()
+    }
+
+    async fn client_state(&self, clientid: &str) -> Option<i64> {
+        use rusqlite::OptionalExtension;
+        self.conn().query_row("SELECT state FROM mqtt_client WHERE clientid = ?1", [clientid], |r| r.get(0)).optional().unwrap()
+    }
+
+    async fn stored_count(&self, topic: &str) -> i64 {
+        self.conn().query_row("SELECT count(*) FROM mqtt_msg WHERE topic = ?1", [topic], |r| r.get(0)).unwrap()
+    }
+
+    async fn retained(&self, topic: &str) -> Option<Vec<u8>> {
+        use rusqlite::OptionalExtension;
+        self.conn().query_row("SELECT payload FROM mqtt_retain WHERE topic = ?1", [topic], |r| r.get(0)).optional().unwrap()
+    }
+
+    async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT p FROM t WHERE c = ?1").unwrap();
+        let rows = st.query_map([clientid], |r| {
+            Ok(match r.get_ref(0)? {
+                rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => t.to_vec(),
+                _ => Vec::new(),
+            })
+        });
+        rows.unwrap().map(Result::unwrap).collect()
+    }
+
+    async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64) {
+        self.conn().execute("INSERT INTO mqtt_sub (clientid, topic, qos) VALUES (?1, ?2, ?3)", rusqlite::params![clientid, topic, qos]).unwrap();
+    }
+}

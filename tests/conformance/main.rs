@@ -1,0 +1,39 @@
+//! The conformance suite: every scenario against every backend. A backend whose server is
+//! unreachable fails loudly unless `MQTT_PERSIST_SKIP` names it.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod scenarios;
+
+macro_rules! conformance {
+    ($module:ident, $kit:ty) => {
+        mod $module {
+            use super::common::kits::Kit;
+            macro_rules! scenario {
+                ($name:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        if super::common::skipped(<$kit as Kit>::DB) {
+                            eprintln!("SKIPPED: {} on {} (MQTT_PERSIST_SKIP)", stringify!($name), <$kit as Kit>::DB);
+                            return;
+                        }
+                        super::scenarios::$name::<$kit>().await;
+                    }
+                };
+            }
+            scenario!(retained_message_survives_a_broker_restart);
+            scenario!(retained_lookup_matches_wildcards_with_one_copy_per_topic);
+            scenario!(offline_messages_reach_only_the_resubscribing_client);
+            scenario!(persistent_session_gets_queued_messages_exactly_once);
+            scenario!(client_state_follows_connects_and_takeovers);
+            scenario!(custom_statements_store_hostile_input_verbatim);
+            scenario!(binary_payloads_round_trip_through_offline_fetch);
+            scenario!(wildcard_fetch_delivers_only_matching_topics);
+            scenario!(qos0_is_not_stored_by_on_message_publish);
+            scenario!(subscribe_lookup_subscribes_the_client_from_storage);
+            scenario!(queue_messages_are_deleted_by_the_first_ack);
+        }
+    };
+}
+
+conformance!(sqlite, crate::common::kits::SqliteKit);

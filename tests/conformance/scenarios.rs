@@ -1,0 +1,253 @@
+//! End-to-end scenarios, written once and run against every backend: real MQTT clients over
+//! TCP → a real broker process → a real database → back to clients.
+
+use crate::common::kits::Kit;
+use crate::common::*;
+use rumqttc::QoS;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn state_of<K: Kit>(kit: &K, id: &str, want: i64) {
+    eventually(&format!("mqtt_client.state = {want} for {id}"), WAIT, || async { (kit.client_state(id).await == Some(want)).then_some(()) }).await;
+}
+
+pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let topic = format!("{}/temp", unique("r"));
+    let port = broker.port().to_string();
+    let st = std::process::Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-m", "21.5", "-r", "-q", "1"]).status().expect("mosquitto_pub installed");
+    assert!(st.success());
+    eventually("retained row", WAIT, || async { kit.retained(&topic).await }).await;
+    let broker = broker.restart();
+    let port = broker.port().to_string();
+    let out = std::process::Command::new("mosquitto_sub").args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-v", "-W", "2"]).output().expect("mosquitto_sub installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), vec![format!("{topic} 21.5")], "exactly one retained copy after restart");
+}
+
+pub async fn retained_lookup_matches_wildcards_with_one_copy_per_topic<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("rw");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for (i, t) in ["a/1", "a/2", "b/1"].iter().enumerate() {
+        p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, true, format!("v{i}")).await;
+    }
+    for t in ["a/1", "a/2", "b/1"] {
+        let topic = format!("{base}/{t}");
+        eventually("retained rows", WAIT, || async { kit.retained(&topic).await }).await;
+    }
+    let mut s = connect(broker.addr, &unique("sub"), true).await;
+    s.subscribe(&format!("{base}/a/+"), QoS::AtLeastOnce).await;
+    let got = s.expect(2, WAIT).await;
+    let mut topics: Vec<_> = got.iter().map(|p| p.topic.clone()).collect();
+    topics.sort();
+    assert_eq!(topics, vec![format!("{base}/a/1"), format!("{base}/a/2")]);
+    assert!(got.iter().all(|p| p.retain), "retained flag set");
+    // An empty retained publish deletes the stored message.
+    p.publish(&format!("{base}/a/1"), QoS::AtLeastOnce, true, Vec::new()).await;
+    let gone = format!("{base}/a/1");
+    eventually("retained row deleted", WAIT, || async { kit.retained(&gone).await.is_none().then_some(()) }).await;
+}
+
+pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("o");
+    let filter = format!("{base}/#");
+    let id = unique("dev");
+    let a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for i in 0..3 {
+        p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, format!("m{i}")).await;
+    }
+    let topic = format!("{base}/x");
+    eventually("3 stored messages", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
+    p.disconnect().await;
+    // The broker restarts: only the database remembers.
+    let broker = broker.restart();
+    let mut other = connect(broker.addr, &unique("other"), true).await;
+    other.subscribe(&filter, QoS::AtLeastOnce).await;
+    let mut a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let got = a.expect(3, WAIT).await;
+    assert_eq!(got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(), vec![b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
+    other.expect_none(Duration::from_millis(800)).await;
+    a.disconnect().await;
+    // Acked: a reconnect after another restart gets nothing again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    a.expect_none(Duration::from_secs(1)).await;
+}
+
+pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("ps");
+    let filter = format!("{base}/+");
+    let id = unique("dev");
+    let a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for i in 0..4 {
+        p.publish(&format!("{base}/t"), QoS::AtLeastOnce, false, format!("q{i}")).await;
+    }
+    let topic = format!("{base}/t");
+    eventually("4 stored", WAIT, || async { (kit.stored_count(&topic).await == 4).then_some(()) }).await;
+    // Same broker: its session queue and the database both hold the messages.
+    let mut a = connect(broker.addr, &id, false).await;
+    assert!(a.session_present);
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let got = a.expect(4, WAIT).await;
+    assert_eq!(got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(), (0..4).map(|i| format!("q{i}").into_bytes()).collect::<Vec<_>>());
+}
+
+pub async fn client_state_follows_connects_and_takeovers<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let id = unique("st");
+    let c = connect(broker.addr, &id, true).await;
+    state_of(&kit, &id, 1).await;
+    c.disconnect().await;
+    state_of(&kit, &id, 0).await;
+    // Takeover: the old connection's late disconnect must not mark the new one offline.
+    for _ in 0..5 {
+        let first = connect(broker.addr, &id, true).await;
+        let second = connect(broker.addr, &id, true).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        state_of(&kit, &id, 1).await;
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(kit.client_state(&id).await, Some(1), "takeover left the client offline");
+        second.disconnect().await;
+        state_of(&kit, &id, 0).await;
+    }
+}
+
+pub async fn custom_statements_store_hostile_input_verbatim<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let id = format!("{} '\"; drop table t; --", unique("evil"));
+    let p = connect(broker.addr, &id, true).await;
+    let base = unique("custom/");
+    let payloads: Vec<Vec<u8>> = vec![
+        b"'); drop table t; --".to_vec(),
+        b"$1 \\ ? ${clientid} %s".to_vec(),
+        b"line1\r\n*3\r\n$3\r\nDEL\r\n".to_vec(),
+        vec![0xff, 0xfe, 0x01, 0x80, 0x7f],
+        vec![b'x'; 256 * 1024],
+    ];
+    for pl in &payloads {
+        p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, pl.clone()).await;
+    }
+    let rows = eventually("custom rows", WAIT, || async {
+        let r = kit.custom_rows(&id).await;
+        (r.len() == payloads.len()).then_some(r)
+    })
+    .await;
+    let mut rows = rows;
+    let mut want = payloads.clone();
+    rows.sort();
+    want.sort();
+    assert_eq!(rows, want);
+}
+
+pub async fn binary_payloads_round_trip_through_offline_fetch<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("bin");
+    let id = unique("dev");
+    let a = connect(broker.addr, &id, false).await;
+    a.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let payload: Vec<u8> = (0..=255u8).chain([0xc3, 0x28, 0xa0, 0xa1]).collect();
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    p.publish(&format!("{base}/b"), QoS::AtLeastOnce, false, payload.clone()).await;
+    let t = format!("{base}/b");
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &id, false).await;
+    a.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    let got = a.expect(1, WAIT).await;
+    assert_eq!(got[0].payload.to_vec(), payload);
+}
+
+pub async fn wildcard_fetch_delivers_only_matching_topics<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("wc");
+    let id = unique("dev");
+    let filter = format!("{base}/+/temp");
+    let a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for t in ["k1/temp", "k2/temp", "k1/hum", "k1/temp/x"] {
+        p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, false, t.as_bytes().to_vec()).await;
+    }
+    let t = format!("{base}/k1/hum");
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let got = a.expect(2, WAIT).await;
+    assert_eq!(got.iter().map(|p| p.topic.clone()).collect::<Vec<_>>(), vec![format!("{base}/k1/temp"), format!("{base}/k2/temp")]);
+}
+
+pub async fn qos0_is_not_stored_by_on_message_publish<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("q0");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    p.publish(&format!("{base}/a"), QoS::AtMostOnce, false, "zero").await;
+    p.publish(&format!("{base}/b"), QoS::AtLeastOnce, false, "one").await;
+    let b = format!("{base}/b");
+    eventually("qos1 stored", WAIT, || async { (kit.stored_count(&b).await == 1).then_some(()) }).await;
+    assert_eq!(kit.stored_count(&format!("{base}/a")).await, 0);
+}
+
+pub async fn subscribe_lookup_subscribes_the_client_from_storage<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("sl");
+    let id = unique("dev");
+    kit.add_subscription(&id, &format!("{base}/cmd"), 1).await;
+    let mut c = connect(broker.addr, &id, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    p.publish(&format!("{base}/cmd"), QoS::AtLeastOnce, false, "reboot").await;
+    let got = c.expect(1, WAIT).await;
+    assert_eq!(&got[0].payload[..], b"reboot");
+}
+
+pub async fn queue_messages_are_deleted_by_the_first_ack<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("queue/");
+    let topic = format!("{base}/jobs");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for i in 0..2 {
+        p.publish(&topic, QoS::AtLeastOnce, false, format!("job{i}")).await;
+    }
+    eventually("2 queued", WAIT, || async { (kit.stored_count(&topic).await == 2).then_some(()) }).await;
+    let mut w = connect(broker.addr, &unique("worker"), true).await;
+    w.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    let got = w.expect(2, WAIT).await;
+    assert_eq!(got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(), vec![b"job0".to_vec(), b"job1".to_vec()]);
+    eventually("queue drained by acks", WAIT, || async { (kit.stored_count(&topic).await == 0).then_some(()) }).await;
+    let mut w2 = connect(broker.addr, &unique("worker"), true).await;
+    w2.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    w2.expect_none(Duration::from_millis(800)).await;
+}
