@@ -3,7 +3,7 @@
 
 use crate::backends::queue::WriteQueue;
 use crate::broker::{self, Engine};
-use crate::config::{Config, ConfError};
+use crate::config::{ConfError, Config};
 use crate::hooks::{Dispatcher, Pool};
 use crate::metrics::Registry;
 use std::collections::BTreeMap;
@@ -55,7 +55,9 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Disp
 
 pub async fn start(conf: &Config) -> Result<Broker, String> {
     let registry = Arc::new(Registry::default());
-    let dispatcher = build_dispatcher(conf, &registry).await.map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+    let dispatcher = build_dispatcher(conf, &registry)
+        .await
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
     let listener = broker::bind(&conf.broker.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let engine = Engine::new(conf.broker.clone(), Arc::new(dispatcher), registry);

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mqtt-persist", version, about = "MQTT broker that persists broker events to databases (EMQX 4 backend compatible)")]
+#[command(
+    name = "mqtt-persist",
+    version,
+    about = "MQTT broker that persists broker events to databases (EMQX 4 backend compatible)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -54,7 +58,9 @@ enum SchemaCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Schema { action: SchemaCmd::Print { db } }) => match Db::parse(&db).and_then(mqtt_persist::schema) {
+        Some(Cmd::Schema {
+            action: SchemaCmd::Print { db },
+        }) => match Db::parse(&db).and_then(mqtt_persist::schema) {
             Some(s) => {
                 print!("{s}");
                 ExitCode::SUCCESS
@@ -71,7 +77,10 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &RunArgs) -> Result<Config, ExitCode> {
-    let ov = Overrides { listen: args.listen.clone(), data_dir: args.data_dir.clone() };
+    let ov = Overrides {
+        listen: args.listen.clone(),
+        data_dir: args.data_dir.clone(),
+    };
     Config::load(&args.etc, &ov).map_err(|errs| {
         eprintln!("{errs}");
         eprintln!("configuration has {} error(s)", errs.0.len());
@@ -80,7 +89,10 @@ fn load(args: &RunArgs) -> Result<Config, ExitCode> {
 }
 
 fn check(etc: &std::path::Path, connect: bool) -> ExitCode {
-    let args = RunArgs { etc: etc.to_path_buf(), ..Default::default() };
+    let args = RunArgs {
+        etc: etc.to_path_buf(),
+        ..Default::default()
+    };
     let conf = match load(&args) {
         Ok(c) => c,
         Err(code) => return code,
@@ -106,7 +118,7 @@ fn check(etc: &std::path::Path, connect: bool) -> ExitCode {
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
         let failed = rt.block_on(async {
             let mut failed = false;
-            println!("{:<20} {}", "POOL", "STATE");
+            println!("{:<20} STATE", "POOL");
             for b in &conf.backends {
                 for p in b.pools.values() {
                     let state = match mqtt_persist::backends::connect(p, &conf.broker.data_dir).await {
@@ -134,7 +146,8 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},rumqttd=warn", conf.broker.log_level)));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},rumqttd=warn", conf.broker.log_level)));
     tracing_subscriber::fmt().with_env_filter(filter).init();
     for w in &conf.warnings {
         tracing::warn!("{w}");

@@ -17,7 +17,10 @@ pub struct RuleMetrics {
 
 impl RuleMetrics {
     pub fn new(label: String) -> Arc<Self> {
-        Arc::new(RuleMetrics { label, ..Default::default() })
+        Arc::new(RuleMetrics {
+            label,
+            ..Default::default()
+        })
     }
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Relaxed);
@@ -46,7 +49,14 @@ impl Registry {
         let _ = writeln!(out, "mqtt_persist_messages_in_total {}", b.messages_in.load(Relaxed));
         let _ = writeln!(out, "mqtt_persist_messages_out_total {}", b.messages_out.load(Relaxed));
         for r in self.rules.lock().iter() {
-            for (name, v) in [("matched", &r.matched), ("success", &r.success), ("failed", &r.failed), ("dropped", &r.dropped), ("retried", &r.retried), ("queued", &r.queued)] {
+            for (name, v) in [
+                ("matched", &r.matched),
+                ("success", &r.success),
+                ("failed", &r.failed),
+                ("dropped", &r.dropped),
+                ("retried", &r.retried),
+                ("queued", &r.queued),
+            ] {
                 let _ = writeln!(out, "mqtt_persist_rule_{name}_total{{rule=\"{}\"}} {}", r.label, v.load(Relaxed));
             }
         }

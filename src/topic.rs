@@ -21,26 +21,6 @@ pub fn matches(topic: &str, filter: &str) -> bool {
     }
 }
 
-/// True when every topic matched by `inner` is also matched by `outer` (both filters).
-/// Used for session-hook rules: a rule with topic `a/#` covers a subscription to `a/+`.
-pub fn filter_covers(outer: &str, inner: &str) -> bool {
-    let mut o = outer.split('/');
-    let mut i = inner.split('/');
-    loop {
-        match (o.next(), i.next()) {
-            (Some("#"), _) => return !(inner.starts_with('$') && outer.starts_with('#')),
-            (Some("+"), Some(il)) if il != "#" => {
-                if il.starts_with('$') && outer.starts_with('+') && inner.starts_with(il) {
-                    return false;
-                }
-            }
-            (Some(ol), Some(il)) if ol == il => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 /// A valid topic name for PUBLISH: non-empty, no wildcards, no NUL.
 pub fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0'])
@@ -73,6 +53,18 @@ pub fn literal_prefix(filter: &str) -> &str {
     }
 }
 
+/// A half-open byte range `[lo, hi)` containing every topic a filter can match, for index range
+/// scans; `None` when the filter starts with a wildcard (no narrowing possible).
+pub fn prefix_range(filter: &str) -> Option<(String, String)> {
+    let prefix = literal_prefix(filter);
+    if !has_wildcards(filter) {
+        return Some((filter.to_string(), format!("{filter}\0")));
+    }
+    // A literal prefix before a wildcard level ends with '/', whose successor byte is '0'.
+    let stem = prefix.strip_suffix('/')?;
+    Some((prefix.to_string(), format!("{stem}0")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,16 +84,6 @@ mod tests {
     }
 
     #[test]
-    fn filters_cover_narrower_filters() {
-        assert!(filter_covers("#", "a/+"));
-        assert!(filter_covers("a/#", "a/+/c"));
-        assert!(filter_covers("a/+", "a/b"));
-        assert!(!filter_covers("a/+", "a/#"));
-        assert!(!filter_covers("a/b", "a/+"));
-        assert!(!filter_covers("#", "$SYS/#"));
-    }
-
-    #[test]
     fn validation() {
         assert!(valid_filter("a/+/#"));
         assert!(!valid_filter("a/#/b"));
@@ -111,16 +93,4 @@ mod tests {
         assert_eq!(literal_prefix("a/b/+/c"), "a/b/");
         assert_eq!(literal_prefix("a/b"), "a/b");
     }
-}
-
-/// A half-open byte range `[lo, hi)` containing every topic a filter can match, for index range
-/// scans; `None` when the filter starts with a wildcard (no narrowing possible).
-pub fn prefix_range(filter: &str) -> Option<(String, String)> {
-    let prefix = literal_prefix(filter);
-    if !has_wildcards(filter) {
-        return Some((filter.to_string(), format!("{filter}\0")));
-    }
-    // A literal prefix before a wildcard level ends with '/', whose successor byte is '0'.
-    let stem = prefix.strip_suffix('/')?;
-    Some((prefix.to_string(), format!("{stem}0")))
 }

@@ -86,7 +86,10 @@ impl Builtin {
 
     /// Functions that return stored messages for injection on subscribe.
     pub fn delivers_stored(self) -> bool {
-        matches!(self, Builtin::MessageFetch | Builtin::RetainLookup | Builtin::FetchForQueue | Builtin::FetchForKeepLatest)
+        matches!(
+            self,
+            Builtin::MessageFetch | Builtin::RetainLookup | Builtin::FetchForQueue | Builtin::FetchForKeepLatest
+        )
     }
 }
 
@@ -96,7 +99,10 @@ mod tests {
 
     #[test]
     fn aliases_resolve_to_one_behaviour() {
-        assert_eq!(Builtin::parse("on_message_fetch_for_pubsub", Db::Redis), Some(Builtin::MessageFetch));
+        assert_eq!(
+            Builtin::parse("on_message_fetch_for_pubsub", Db::Redis),
+            Some(Builtin::MessageFetch)
+        );
         assert_eq!(Builtin::parse("on_subscription_lookup", Db::Cassa), Some(Builtin::SubscribeLookup));
         assert_eq!(Builtin::parse("on_subscription_lookup", Db::Pgsql), None);
         assert_eq!(Builtin::parse("on_mesage_fetch", Db::Pgsql), None);

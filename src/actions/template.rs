@@ -140,7 +140,15 @@ impl Command {
                     out.push(key);
                 }
                 Arg::MessageFields => {
-                    for (name, var) in [("id", Var::Msgid), ("from", Var::Clientid), ("qos", Var::Qos), ("topic", Var::Topic), ("payload", Var::Payload), ("ts", Var::Timestamp), ("retain", Var::Retain)] {
+                    for (name, var) in [
+                        ("id", Var::Msgid),
+                        ("from", Var::Clientid),
+                        ("qos", Var::Qos),
+                        ("topic", Var::Topic),
+                        ("payload", Var::Payload),
+                        ("ts", Var::Timestamp),
+                        ("retain", Var::Retain),
+                    ] {
                         out.push(name.as_bytes().to_vec());
                         out.push(event.value(var, node).to_bytes());
                     }
@@ -192,10 +200,20 @@ mod tests {
 
     #[test]
     fn sql_placeholders_become_parameters() {
-        let s = Statement::compile("insert into t(c, p) values (${clientid}, ${payload})", ParamStyle::Numbered, Hook::MessagePublish).unwrap();
+        let s = Statement::compile(
+            "insert into t(c, p) values (${clientid}, ${payload})",
+            ParamStyle::Numbered,
+            Hook::MessagePublish,
+        )
+        .unwrap();
         assert_eq!(&*s.text, "insert into t(c, p) values ($1, $2)");
         assert_eq!(s.params, vec![Var::Clientid, Var::Payload]);
-        let q = Statement::compile("delete from a where c = ${clientid} and t = ${topic}", ParamStyle::Question, Hook::SessionUnsubscribed).unwrap();
+        let q = Statement::compile(
+            "delete from a where c = ${clientid} and t = ${topic}",
+            ParamStyle::Question,
+            Hook::SessionUnsubscribed,
+        )
+        .unwrap();
         assert_eq!(&*q.text, "delete from a where c = ? and t = ?");
     }
 
@@ -203,15 +221,28 @@ mod tests {
     fn unknown_and_unavailable_placeholders_are_rejected() {
         let e = Statement::compile("x ${clientd}", ParamStyle::Question, Hook::MessagePublish).unwrap_err();
         assert!(e.to_string().contains("did you mean `clientid`"), "{e}");
-        assert!(matches!(Statement::compile("x ${payload}", ParamStyle::Question, Hook::ClientConnected), Err(TemplateError::NotOnHook(..))));
-        assert!(matches!(Statement::compile("x ${clientid", ParamStyle::Question, Hook::ClientConnected), Err(TemplateError::Unterminated(..))));
+        assert!(matches!(
+            Statement::compile("x ${payload}", ParamStyle::Question, Hook::ClientConnected),
+            Err(TemplateError::NotOnHook(..))
+        ));
+        assert!(matches!(
+            Statement::compile("x ${clientid", ParamStyle::Question, Hook::ClientConnected),
+            Err(TemplateError::Unterminated(..))
+        ));
     }
 
     #[test]
     fn redis_tokens_follow_emqx_rules() {
-        let c = Command::compile("HMSET mqtt:client:${clientid} state 1 node ${node} x${clientid}", Hook::ClientConnected).unwrap();
+        let c = Command::compile(
+            "HMSET mqtt:client:${clientid} state 1 node ${node} x${clientid}",
+            Hook::ClientConnected,
+        )
+        .unwrap();
         assert_eq!(c.args[0], Arg::Literal(b"HMSET".to_vec()));
-        assert_eq!(c.args[1], Arg::Spliced(vec![KeyPart::Text("mqtt:client:".into()), KeyPart::Var(Var::Clientid)]));
+        assert_eq!(
+            c.args[1],
+            Arg::Spliced(vec![KeyPart::Text("mqtt:client:".into()), KeyPart::Var(Var::Clientid)])
+        );
         assert_eq!(c.args[5], Arg::Var(Var::Node));
         assert_eq!(c.args[6], Arg::Literal(b"x${clientid}".to_vec()));
     }

@@ -20,21 +20,59 @@ pub mod sqlite;
 /// be retried after an error whose outcome is unknown.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    ClientConnected { clientid: Arc<str>, node: Arc<str>, connected_at: i64 },
+    ClientConnected {
+        clientid: Arc<str>,
+        node: Arc<str>,
+        connected_at: i64,
+    },
     /// Applies only if the stored `online_at` equals `connected_at` (takeover guard).
-    ClientDisconnected { clientid: Arc<str>, connected_at: i64, disconnected_at: i64 },
-    StoreMessage { msg: Arc<Message>, ttl: Duration },
-    StoreLatest { msg: Arc<Message>, ttl: Duration },
-    RetainUpsert { msg: Arc<Message> },
-    RetainDelete { topic: Arc<str> },
+    ClientDisconnected {
+        clientid: Arc<str>,
+        connected_at: i64,
+        disconnected_at: i64,
+    },
+    StoreMessage {
+        msg: Arc<Message>,
+        ttl: Duration,
+    },
+    StoreLatest {
+        msg: Arc<Message>,
+        ttl: Duration,
+    },
+    RetainUpsert {
+        msg: Arc<Message>,
+    },
+    RetainDelete {
+        topic: Arc<str>,
+    },
     /// Move the read pointers of these filters forward to `msgid` (never backwards).
-    AdvancePointer { clientid: Arc<str>, filters: Arc<[Arc<str>]>, msgid: u64 },
-    DeletePointer { clientid: Arc<str>, filter: Arc<str> },
+    AdvancePointer {
+        clientid: Arc<str>,
+        filters: Arc<[Arc<str>]>,
+        msgid: u64,
+    },
+    DeletePointer {
+        clientid: Arc<str>,
+        filter: Arc<str>,
+    },
     /// Queue model: the first ack by anyone deletes the message.
-    DeleteMessage { msgid: u64, topic: Arc<str> },
-    DeleteLatest { topic: Arc<str>, msgid: u64 },
-    Statements { stmts: Arc<[Statement]>, params: Vec<Vec<Value>> },
-    Commands { pipeline: bool, commands: Arc<[Command]>, args: Vec<Vec<Vec<u8>>> },
+    DeleteMessage {
+        msgid: u64,
+        topic: Arc<str>,
+    },
+    DeleteLatest {
+        topic: Arc<str>,
+        msgid: u64,
+    },
+    Statements {
+        stmts: Arc<[Statement]>,
+        params: Vec<Vec<Value>>,
+    },
+    Commands {
+        pipeline: bool,
+        commands: Arc<[Command]>,
+        args: Vec<Vec<Vec<u8>>>,
+    },
 }
 
 /// A message read back from a database.
@@ -79,10 +117,16 @@ pub struct BackendError {
 
 impl BackendError {
     pub fn transient(message: impl Into<String>) -> Self {
-        BackendError { transient: true, message: message.into() }
+        BackendError {
+            transient: true,
+            message: message.into(),
+        }
     }
     pub fn permanent(message: impl Into<String>) -> Self {
-        BackendError { transient: false, message: message.into() }
+        BackendError {
+            transient: false,
+            message: message.into(),
+        }
     }
 }
 
@@ -113,7 +157,10 @@ pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<
         Db::Sqlite => Ok(Arc::new(sqlite::SqliteBackend::open(pool, data_dir)?)),
         other => {
             let _ = data_dir;
-            Err(pool.error("", format!("backend `{other}` is not built into this binary yet (pool {})", pool.name)))
+            Err(pool.error(
+                "",
+                format!("backend `{other}` is not built into this binary yet (pool {})", pool.name),
+            ))
         }
     }
 }

@@ -82,7 +82,10 @@ impl WriteQueue {
                     mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
                 };
                 RuleMetrics::inc(&job.rule.dropped);
-                rate_limited_warn(&format!("write queue of {} is full: dropped a write of rule {}", self.label, job.rule.label));
+                rate_limited_warn(&format!(
+                    "write queue of {} is full: dropped a write of rule {}",
+                    self.label, job.rule.label
+                ));
                 Enqueue::Dropped
             }
         }
@@ -119,7 +122,12 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
             match backend.write(&ops).await {
                 Ok(()) => {
                     if let Some(o) = outage.take() {
-                        tracing::info!(pool = backend.label(), failures = o.failures, secs = o.since.elapsed().as_secs_f32(), "database is back; writes resumed");
+                        tracing::info!(
+                            pool = backend.label(),
+                            failures = o.failures,
+                            secs = o.since.elapsed().as_secs_f32(),
+                            "database is back; writes resumed"
+                        );
                     }
                     for j in &jobs {
                         RuleMetrics::inc(&j.rule.success);
@@ -130,7 +138,10 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
                     let o = outage.get_or_insert_with(|| {
                         // Once per burst, not per message.
                         tracing::error!(pool = backend.label(), error = %e.message, "database write failed; retrying with backoff");
-                        Outage { since: Instant::now(), failures: 0 }
+                        Outage {
+                            since: Instant::now(),
+                            failures: 0,
+                        }
                     });
                     o.failures += 1;
                     for j in &jobs {
@@ -187,7 +198,10 @@ async fn write_one_by_one(backend: &dyn Backend, jobs: &[Job], first: &super::Ba
 
 /// ±25 % jitter without an RNG dependency.
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
     let frac = 0.75 + (nanos % 1000) as f64 / 2000.0;
     d.mul_f64(frac)
 }

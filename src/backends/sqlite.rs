@@ -36,9 +36,17 @@ impl SqliteSettings {
         };
         let synchronous = pool.str_or("synchronous", "normal").to_ascii_lowercase();
         if !["off", "normal", "full", "extra"].contains(&synchronous.as_str()) {
-            return Err(pool.error("synchronous", format!("`synchronous` must be off, normal, full or extra, found `{synchronous}`")));
+            return Err(pool.error(
+                "synchronous",
+                format!("`synchronous` must be off, normal, full or extra, found `{synchronous}`"),
+            ));
         }
-        Ok(SqliteSettings { path, synchronous, busy_timeout_ms: pool.num("busy_timeout", 5000)?, auto_create_schema: pool.flag("auto_create_schema", true)? })
+        Ok(SqliteSettings {
+            path,
+            synchronous,
+            busy_timeout_ms: pool.num("busy_timeout", 5000)?,
+            auto_create_schema: pool.flag("auto_create_schema", true)?,
+        })
     }
 }
 
@@ -68,12 +76,21 @@ impl SqliteBackend {
             writer.execute_batch(SCHEMA).map_err(err)?;
         }
         let reader = open_conn(&s).map_err(err)?;
-        Ok(SqliteBackend { label: pool.label(), writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)) })
+        Ok(SqliteBackend {
+            label: pool.label(),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
     }
 
-    async fn blocking<T: Send + 'static>(conn: &Arc<Mutex<Connection>>, f: impl FnOnce(&mut Connection) -> BResult<T> + Send + 'static) -> BResult<T> {
+    async fn blocking<T: Send + 'static>(
+        conn: &Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> BResult<T> + Send + 'static,
+    ) -> BResult<T> {
         let conn = conn.clone();
-        tokio::task::spawn_blocking(move || f(&mut conn.lock())).await.map_err(|e| BackendError::transient(format!("sqlite task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
+            .await
+            .map_err(|e| BackendError::transient(format!("sqlite task failed: {e}")))?
     }
 }
 
@@ -102,7 +119,11 @@ fn to_sql(v: &Value) -> rusqlite::types::Value {
 
 fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
     match op {
-        WriteOp::ClientConnected { clientid, node, connected_at } => {
+        WriteOp::ClientConnected {
+            clientid,
+            node,
+            connected_at,
+        } => {
             tx.prepare_cached(
                 "INSERT INTO mqtt_client (clientid, state, node, online_at, offline_at) VALUES (?1, 1, ?2, ?3, NULL)
                  ON CONFLICT (clientid) DO UPDATE SET state = 1, node = excluded.node, online_at = excluded.online_at, offline_at = NULL
@@ -110,8 +131,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
             )?
             .execute(params![&**clientid, &**node, connected_at])?;
         }
-        WriteOp::ClientDisconnected { clientid, connected_at, disconnected_at } => {
-            tx.prepare_cached("UPDATE mqtt_client SET state = 0, offline_at = ?1 WHERE clientid = ?2 AND online_at = ?3")?.execute(params![disconnected_at, &**clientid, connected_at])?;
+        WriteOp::ClientDisconnected {
+            clientid,
+            connected_at,
+            disconnected_at,
+        } => {
+            tx.prepare_cached("UPDATE mqtt_client SET state = 0, offline_at = ?1 WHERE clientid = ?2 AND online_at = ?3")?
+                .execute(params![disconnected_at, &**clientid, connected_at])?;
         }
         WriteOp::StoreMessage { msg, .. } => {
             tx.prepare_cached("INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (msgid) DO NOTHING")?
@@ -134,7 +160,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
             .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, &msg.payload[..], msg.timestamp])?;
         }
         WriteOp::RetainDelete { topic } => {
-            tx.prepare_cached("DELETE FROM mqtt_retain WHERE topic = ?1")?.execute(params![&**topic])?;
+            tx.prepare_cached("DELETE FROM mqtt_retain WHERE topic = ?1")?
+                .execute(params![&**topic])?;
         }
         WriteOp::AdvancePointer { clientid, filters, msgid } => {
             let mut st = tx.prepare_cached("UPDATE mqtt_acked SET mid = max(mid, ?1) WHERE clientid = ?2 AND topic = ?3")?;
@@ -143,18 +170,23 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
             }
         }
         WriteOp::DeletePointer { clientid, filter } => {
-            tx.prepare_cached("DELETE FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")?.execute(params![&**clientid, &**filter])?;
+            tx.prepare_cached("DELETE FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")?
+                .execute(params![&**clientid, &**filter])?;
         }
         WriteOp::DeleteMessage { msgid, .. } => {
-            tx.prepare_cached("DELETE FROM mqtt_msg WHERE msgid = ?1")?.execute(params![*msgid as i64])?;
+            tx.prepare_cached("DELETE FROM mqtt_msg WHERE msgid = ?1")?
+                .execute(params![*msgid as i64])?;
         }
         WriteOp::DeleteLatest { topic, msgid } => {
-            tx.prepare_cached("DELETE FROM mqtt_latest WHERE topic = ?1 AND msgid = ?2")?.execute(params![&**topic, *msgid as i64])?;
+            tx.prepare_cached("DELETE FROM mqtt_latest WHERE topic = ?1 AND msgid = ?2")?
+                .execute(params![&**topic, *msgid as i64])?;
         }
         WriteOp::Statements { stmts, params } => {
             for (st, ps) in stmts.iter().zip(params) {
                 // A failing statement is logged and the next one runs (EMQX semantics).
-                let r = tx.prepare_cached(&st.text).and_then(|mut s| s.execute(rusqlite::params_from_iter(ps.iter().map(to_sql))));
+                let r = tx
+                    .prepare_cached(&st.text)
+                    .and_then(|mut s| s.execute(rusqlite::params_from_iter(ps.iter().map(to_sql))));
                 if let Err(e) = r {
                     if classify_is_transient(&e) {
                         return Err(e);
@@ -170,7 +202,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
 
 fn classify_is_transient(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::*;
-    matches!(e.sqlite_error_code(), Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull))
+    matches!(
+        e.sqlite_error_code(),
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull)
+    )
 }
 
 const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
@@ -194,7 +229,15 @@ fn row_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
 
 /// Rows of `table` matching `filter`, newest first, narrowed by index and matched exactly here.
 /// `extra` is appended to the WHERE clause with `extra_params` after the topic bounds.
-fn scan_matching(c: &Connection, table: &str, cols: &str, filter: &str, extra: &str, extra_params: &[i64], limit: Option<u32>) -> rusqlite::Result<Vec<StoredMessage>> {
+fn scan_matching(
+    c: &Connection,
+    table: &str,
+    cols: &str,
+    filter: &str,
+    extra: &str,
+    extra_params: &[i64],
+    limit: Option<u32>,
+) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut sql = format!("SELECT {cols} FROM {table} WHERE 1=1");
     let mut ps: Vec<rusqlite::types::Value> = Vec::new();
     if let Some((lo, hi)) = topic::prefix_range(filter) {
@@ -254,7 +297,8 @@ impl Backend for SqliteBackend {
                         .and_then(|mut s| s.query_row(params![&*req.clientid, filter], |r| r.get(0)).optional())
                         .map_err(classify)?;
                     match ptr {
-                        Some(p) => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND msgid > ? AND arrived >= ?", &[p, since], max).map_err(classify)?,
+                        Some(p) => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND msgid > ? AND arrived >= ?", &[p, since], max)
+                            .map_err(classify)?,
                         None => {
                             // First subscription: start the pointer at the newest stored message.
                             let newest = scan_matching(c, "mqtt_msg", MSG_COLS, filter, "", &[], Some(1)).map_err(classify)?;
@@ -271,7 +315,9 @@ impl Backend for SqliteBackend {
                     }
                 }
                 FetchKind::Queue => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?,
-                FetchKind::KeepLatest => scan_matching(c, "mqtt_latest", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?,
+                FetchKind::KeepLatest => {
+                    scan_matching(c, "mqtt_latest", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?
+                }
             };
             let mut msgs = keep_newest(msgs, max);
             msgs.reverse();
@@ -282,7 +328,16 @@ impl Backend for SqliteBackend {
     fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
         let filter = filter.to_string();
         Box::pin(Self::blocking(&self.reader, move |c| {
-            let mut v = scan_matching(c, "mqtt_retain", "msgid, sender, topic, qos, 1, payload, arrived", &filter, "", &[], None).map_err(classify)?;
+            let mut v = scan_matching(
+                c,
+                "mqtt_retain",
+                "msgid, sender, topic, qos, 1, payload, arrived",
+                &filter,
+                "",
+                &[],
+                None,
+            )
+            .map_err(classify)?;
             v.reverse();
             Ok(v)
         }))
@@ -291,8 +346,14 @@ impl Backend for SqliteBackend {
     fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
         let clientid = clientid.to_string();
         Box::pin(Self::blocking(&self.reader, move |c| {
-            let mut st = c.prepare_cached("SELECT topic, qos FROM mqtt_sub WHERE clientid = ?1 ORDER BY id").map_err(classify)?;
-            let rows = st.query_map(params![clientid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.clamp(0, 2) as u8))).map_err(classify)?;
+            let mut st = c
+                .prepare_cached("SELECT topic, qos FROM mqtt_sub WHERE clientid = ?1 ORDER BY id")
+                .map_err(classify)?;
+            let rows = st
+                .query_map(params![clientid], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.clamp(0, 2) as u8))
+                })
+                .map_err(classify)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(classify)
         }))
     }
@@ -314,6 +375,8 @@ impl Backend for SqliteBackend {
     }
 
     fn ping(&self) -> BoxFuture<'_, BResult<()>> {
-        Box::pin(Self::blocking(&self.reader, |c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(classify)))
+        Box::pin(Self::blocking(&self.reader, |c| {
+            c.query_row("SELECT 1", [], |_| Ok(())).map_err(classify)
+        }))
     }
 }

@@ -14,8 +14,9 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use rumqttd::local::LinkTx;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish,
-    PublishProperties, RetainForwardRule, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason,
+    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Forward, Notification};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -72,7 +73,11 @@ fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
     let mut it = v.splitn(3, ':');
     let msgid = it.next()?.parse().ok()?;
     let timestamp = it.next()?.parse().ok()?;
-    Some(Meta { msgid, timestamp, sender: it.next().unwrap_or("").into() })
+    Some(Meta {
+        msgid,
+        timestamp,
+        sender: it.next().unwrap_or("").into(),
+    })
 }
 
 enum AckKind {
@@ -100,9 +105,12 @@ struct HeldAck {
     router_ack: Option<Packet>,
 }
 
+/// Stored messages found for each filter of one SUBSCRIBE: (filter, granted QoS, messages).
+type Lookups = JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>;
+
 /// A SUBSCRIBE sent to the router, in order; the router answers each with one SUBACK.
 struct PendingSub {
-    lookups: Option<JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>>,
+    lookups: Option<Lookups>,
 }
 
 struct Session {
@@ -155,7 +163,16 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         other => {
             // 3.1 (level 3) and unknown levels: "unacceptable protocol version".
             let mut b = BytesMut::new();
-            let _ = Codec::V4(rumqttd::protocol::v4::V4).write(Packet::ConnAck(ConnAck { session_present: false, code: ConnectReturnCode::RefusedProtocolVersion }, None), &mut b);
+            let _ = Codec::V4(rumqttd::protocol::v4::V4).write(
+                Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::RefusedProtocolVersion,
+                    },
+                    None,
+                ),
+                &mut b,
+            );
             stream.write_all(&b).await?;
             return Err(ConnError::Protocol(format!("unsupported protocol level {other}")));
         }
@@ -174,7 +191,16 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let clientid = if connect.client_id.is_empty() {
         if !connect.clean_session {
             let mut b = BytesMut::new();
-            let _ = codec.write(Packet::ConnAck(ConnAck { session_present: false, code: ConnectReturnCode::ClientIdentifierNotValid }, None), &mut b);
+            let _ = codec.write(
+                Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::ClientIdentifierNotValid,
+                    },
+                    None,
+                ),
+                &mut b,
+            );
             stream.write_all(&b).await?;
             return Err(ConnError::Protocol("empty client id without clean session".into()));
         }
@@ -187,7 +213,9 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let router_id = wire::router_client_id(&clientid);
     let clean = connect.clean_session;
     let eng = engine.clone();
-    let link = tokio::task::spawn_blocking(move || eng.link(&router_id, clean)).await.map_err(|e| ConnError::Protocol(e.to_string()))?;
+    let link = tokio::task::spawn_blocking(move || eng.link(&router_id, clean))
+        .await
+        .map_err(|e| ConnError::Protocol(e.to_string()))?;
     let (tx, mut rx, note) = link.map_err(|e| ConnError::Protocol(format!("router refused the link: {e}")))?;
     let session_present = match note {
         Notification::DeviceAck(ack) => matches!(Packet::from(ack), Packet::ConnAck(ConnAck { session_present: true, .. }, _)),
@@ -208,7 +236,12 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         engine.sessions.lock().remove(&clientid);
         HashMap::new()
     } else if session_present {
-        engine.sessions.lock().get(&clientid).map(|s| s.iter().map(|(f, q)| (Arc::from(f.as_str()), *q)).collect()).unwrap_or_default()
+        engine
+            .sessions
+            .lock()
+            .get(&clientid)
+            .map(|s| s.iter().map(|(f, q)| (Arc::from(f.as_str()), *q)).collect())
+            .unwrap_or_default()
     } else {
         HashMap::new()
     };
@@ -240,8 +273,17 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         reason: "normal",
         closing: false,
     };
-    let props = codec.is_v5().then(|| ConnAckProperties { assigned_client_identifier: assigned, ..Default::default() });
-    s.write(Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, props));
+    let props = codec.is_v5().then(|| ConnAckProperties {
+        assigned_client_identifier: assigned,
+        ..Default::default()
+    });
+    s.write(Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        props,
+    ));
     stream.write_all(&s.wbuf).await?;
     s.wbuf.clear();
     engine.metrics.broker.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -264,7 +306,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let idle = tokio::time::sleep(keepalive.unwrap_or(far));
     tokio::pin!(idle);
     let (mut reader, mut writer) = stream.into_split();
-    let mut hold: Option<JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>> = None;
+    let mut hold: Option<Lookups> = None;
     let mut link_open = true;
     let mut need_wake = false;
     let result: Result<(), ConnError> = loop {
@@ -363,7 +405,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
 enum Step {
     Continue,
     Wake,
-    Hold(JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>),
+    Hold(Lookups),
     Close,
 }
 
@@ -381,7 +423,9 @@ impl Session {
             let mut buf = self.tx.buffer();
             buf.extend(self.to_router.drain(..));
         }
-        futures::executor::block_on(self.tx.send(last)).map(|_| ()).map_err(|e| ConnError::Protocol(format!("router link closed: {e}")))
+        futures::executor::block_on(self.tx.send(last))
+            .map(|_| ())
+            .map_err(|e| ConnError::Protocol(format!("router link closed: {e}")))
     }
 
     async fn read_packets(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
@@ -408,7 +452,13 @@ impl Session {
             Packet::PubAck(ack, _) => self.client_ack(ack.pkid, AckKind::PubAck),
             Packet::PubRec(rec, _) => {
                 if self.injected.contains_key(&rec.pkid) {
-                    self.write(Packet::PubRel(PubRel { pkid: rec.pkid, reason: PubRelReason::Success }, None));
+                    self.write(Packet::PubRel(
+                        PubRel {
+                            pkid: rec.pkid,
+                            reason: PubRelReason::Success,
+                        },
+                        None,
+                    ));
                 } else {
                     self.client_ack(rec.pkid, AckKind::PubRec);
                 }
@@ -443,7 +493,11 @@ impl Session {
         if !crate::topic::valid_topic(topic) {
             return Err(ConnError::Protocol(format!("invalid topic name {topic:?}")));
         }
-        self.engine.metrics.broker.messages_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.engine
+            .metrics
+            .broker
+            .messages_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let has_rules = self.d.has(Hook::MessagePublish);
         if has_rules || self.meta {
             let msg = Arc::new(Message {
@@ -517,8 +571,20 @@ impl Session {
         while self.router_inflight.front().is_some_and(|e| e.ack.is_some()) {
             let e = self.router_inflight.pop_front().expect("checked");
             let p = match e.ack {
-                Some(AckKind::PubRec) => Packet::PubRec(PubRec { pkid: e.pkid, reason: PubRecReason::Success }, None),
-                _ => Packet::PubAck(PubAck { pkid: e.pkid, reason: PubAckReason::Success }, None),
+                Some(AckKind::PubRec) => Packet::PubRec(
+                    PubRec {
+                        pkid: e.pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ),
+                _ => Packet::PubAck(
+                    PubAck {
+                        pkid: e.pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ),
             };
             self.to_router.push(p);
         }
@@ -529,7 +595,12 @@ impl Session {
             return;
         }
         let filters: Arc<[Arc<str>]> = self.subs.keys().filter(|f| crate::topic::matches(&topic, f)).cloned().collect();
-        self.d.fire(&Event::Acked { client: self.client.clone(), msgid, topic, filters });
+        self.d.fire(&Event::Acked {
+            client: self.client.clone(),
+            msgid,
+            topic,
+            filters,
+        });
     }
 
     fn subscribe(&mut self, sub: Subscribe, props: Option<rumqttd::protocol::SubscribeProperties>) {
@@ -560,13 +631,26 @@ impl Session {
         let mut reasons = Vec::new();
         for f in &unsub.filters {
             let existed = self.subs.remove(f.as_str()).is_some();
-            reasons.push(if existed { UnsubAckReason::Success } else { UnsubAckReason::NoSubscriptionExisted });
+            reasons.push(if existed {
+                UnsubAckReason::Success
+            } else {
+                UnsubAckReason::NoSubscriptionExisted
+            });
             if existed {
                 // One filter per router packet: the router acks each filter separately, and
                 // not at all for unknown ones; we answer the client ourselves.
-                self.to_router.push(Packet::Unsubscribe(Unsubscribe { pkid: 0, filters: vec![f.clone()] }, None));
+                self.to_router.push(Packet::Unsubscribe(
+                    Unsubscribe {
+                        pkid: 0,
+                        filters: vec![f.clone()],
+                    },
+                    None,
+                ));
             }
-            self.d.fire(&Event::Unsubscribed { client: self.client.clone(), filter: f.as_str().into() });
+            self.d.fire(&Event::Unsubscribed {
+                client: self.client.clone(),
+                filter: f.as_str().into(),
+            });
         }
         self.sync_session();
         if !self.codec.is_v5() {
@@ -596,7 +680,11 @@ impl Session {
                         // The router grants what was asked; a v4 client needs the plain codes.
                         for c in suback.return_codes.iter_mut() {
                             if let SubscribeReasonCode::Success(q) = c {
-                                *c = match *q as u8 { 0 => SubscribeReasonCode::QoS0, 1 => SubscribeReasonCode::QoS1, _ => SubscribeReasonCode::QoS2 };
+                                *c = match *q as u8 {
+                                    0 => SubscribeReasonCode::QoS0,
+                                    1 => SubscribeReasonCode::QoS1,
+                                    _ => SubscribeReasonCode::QoS2,
+                                };
                             }
                         }
                         self.write(Packet::SubAck(suback, p.filter(|_| self.codec.is_v5())));
@@ -650,7 +738,11 @@ impl Session {
         if !self.codec.is_v5() {
             f.properties = None;
         }
-        self.engine.metrics.broker.messages_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.engine
+            .metrics
+            .broker
+            .messages_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let duplicate = meta.as_ref().is_some_and(|m| self.recent_injected.contains(&m.msgid));
         let topic = f.publish.topic.clone();
         let payload = f.publish.payload.clone();
@@ -662,7 +754,10 @@ impl Session {
             // router ourselves when it expects an ack.
             self.wbuf.truncate(start);
             if qos == 1 {
-                self.router_inflight.push_back(RouterInflight { pkid, ack: Some(AckKind::PubAck) });
+                self.router_inflight.push_back(RouterInflight {
+                    pkid,
+                    ack: Some(AckKind::PubAck),
+                });
                 self.release_router_acks();
             }
             return;
@@ -676,8 +771,21 @@ impl Session {
         if let Some(m) = meta {
             if self.d.has(Hook::MessageDelivered) {
                 if let Ok(t) = std::str::from_utf8(&topic) {
-                    let msg = Arc::new(Message { msgid: m.msgid, sender: m.sender, username: None, topic: t.into(), payload, qos, retain: false, timestamp: m.timestamp });
-                    self.d.fire(&Event::Delivered { client: self.client.clone(), msg, qos });
+                    let msg = Arc::new(Message {
+                        msgid: m.msgid,
+                        sender: m.sender,
+                        username: None,
+                        topic: t.into(),
+                        payload,
+                        qos,
+                        retain: false,
+                        timestamp: m.timestamp,
+                    });
+                    self.d.fire(&Event::Delivered {
+                        client: self.client.clone(),
+                        msg,
+                        qos,
+                    });
                 }
             }
         }
@@ -710,12 +818,31 @@ impl Session {
                 }
                 let topic: Arc<str> = inj.msg.topic.as_str().into();
                 if qos > 0 {
-                    self.injected.insert(pkid, Injected { msgid: inj.msg.msgid, topic: topic.clone() });
+                    self.injected.insert(
+                        pkid,
+                        Injected {
+                            msgid: inj.msg.msgid,
+                            topic: topic.clone(),
+                        },
+                    );
                 }
                 if self.d.has(Hook::MessageDelivered) {
                     let m = &inj.msg;
-                    let msg = Arc::new(Message { msgid: m.msgid, sender: m.sender.as_str().into(), username: None, topic, payload: m.payload.clone(), qos, retain: inj.retained, timestamp: m.arrived });
-                    self.d.fire(&Event::Delivered { client: self.client.clone(), msg, qos });
+                    let msg = Arc::new(Message {
+                        msgid: m.msgid,
+                        sender: m.sender.as_str().into(),
+                        username: None,
+                        topic,
+                        payload: m.payload.clone(),
+                        qos,
+                        retain: inj.retained,
+                        timestamp: m.arrived,
+                    });
+                    self.d.fire(&Event::Delivered {
+                        client: self.client.clone(),
+                        msg,
+                        qos,
+                    });
                 }
             }
         }
@@ -729,18 +856,42 @@ impl Session {
                     return;
                 }
                 let qos = rumqttd::protocol::qos(qos.min(2)).unwrap_or_default();
-                let f = Filter { path: filter, qos, nolocal: false, preserve_retain: false, retain_forward_rule: RetainForwardRule::OnEverySubscribe };
+                let f = Filter {
+                    path: filter,
+                    qos,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                };
                 self.subscribe(Subscribe { pkid: 0, filters: vec![f] }, None);
             }
             Control::Unsubscribe { filter } => {
                 if self.subs.remove(filter.as_str()).is_some() {
-                    self.to_router.push(Packet::Unsubscribe(Unsubscribe { pkid: 0, filters: vec![filter.clone()] }, None));
+                    self.to_router.push(Packet::Unsubscribe(
+                        Unsubscribe {
+                            pkid: 0,
+                            filters: vec![filter.clone()],
+                        },
+                        None,
+                    ));
                     self.sync_session();
-                    self.d.fire(&Event::Unsubscribed { client: self.client.clone(), filter: filter.as_str().into() });
+                    self.d.fire(&Event::Unsubscribed {
+                        client: self.client.clone(),
+                        filter: filter.as_str().into(),
+                    });
                 }
             }
             Control::Inject(msgs) => {
-                let found = msgs.into_iter().map(|m| (Arc::<str>::from(m.topic.as_str()), m.qos, vec![Injection { msg: m, retained: false }])).collect();
+                let found = msgs
+                    .into_iter()
+                    .map(|m| {
+                        (
+                            Arc::<str>::from(m.topic.as_str()),
+                            m.qos,
+                            vec![Injection { msg: m, retained: false }],
+                        )
+                    })
+                    .collect();
                 self.inject_all(found);
             }
         }
@@ -753,12 +904,21 @@ impl Session {
             }
         }
         if link_open {
-            self.to_router.push(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None));
+            self.to_router.push(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ));
             let _ = self.flush_router();
         }
         self.sync_session();
         let at = now_ms();
-        self.d.fire(&Event::Disconnected { client: self.client.clone(), reason: self.reason.into(), disconnected_at: at });
+        self.d.fire(&Event::Disconnected {
+            client: self.client.clone(),
+            reason: self.reason.into(),
+            disconnected_at: at,
+        });
         tracing::debug!(clientid = %self.client.clientid, reason = self.reason, "client disconnected");
     }
 

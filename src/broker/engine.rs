@@ -7,14 +7,16 @@ use crate::config::BrokerConf;
 use crate::hooks::Dispatcher;
 use crate::metrics::Registry;
 use parking_lot::{Mutex, RwLock};
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-type LinkFactory = Box<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+/// A new local link: its halves and the router's CONNACK notification.
+pub type Link = (LinkTx, LinkRx, Notification);
+type LinkFactory = Box<dyn Fn(&str, bool) -> Result<Link, String> + Send + Sync>;
 
 /// Something done to a live connection from outside it.
 #[derive(Debug)]
@@ -41,13 +43,25 @@ pub struct Engine {
 /// `max_segment_size × max_segment_count` bytes (older data of offline persistent sessions is
 /// then served from the database, not from memory).
 pub fn router_config() -> RouterConfig {
-    RouterConfig { max_connections: 100_000, max_outgoing_packet_count: 200, max_segment_size: 4 << 20, max_segment_count: 8, ..Default::default() }
+    RouterConfig {
+        max_connections: 100_000,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 4 << 20,
+        max_segment_count: 8,
+        ..Default::default()
+    }
 }
 
 impl Engine {
     pub fn new(conf: BrokerConf, dispatcher: Arc<Dispatcher>, metrics: Arc<Registry>) -> Arc<Engine> {
         let router_tx = Router::new(conf.node_id as usize, router_config()).spawn();
-        let links: LinkFactory = Box::new(move |id, clean| LinkBuilder::new(id, router_tx.clone()).clean_session(clean).dynamic_filters(true).build());
+        let links: LinkFactory = Box::new(move |id, clean| {
+            LinkBuilder::new(id, router_tx.clone())
+                .clean_session(clean)
+                .dynamic_filters(true)
+                .build()
+                .map_err(|e| e.to_string())
+        });
         let engine = Arc::new(Engine {
             links,
             dispatcher: RwLock::new(dispatcher),
@@ -87,7 +101,7 @@ impl Engine {
     }
 
     /// Builds a local link; blocks on the router, so call it off the async threads.
-    pub fn link(&self, router_id: &str, clean: bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    pub fn link(&self, router_id: &str, clean: bool) -> Result<Link, String> {
         (self.links)(router_id, clean)
     }
 
@@ -132,7 +146,10 @@ pub struct MsgIdGen {
 
 impl MsgIdGen {
     pub fn new(node: u16) -> Self {
-        MsgIdGen { last: AtomicU64::new(0), node: u64::from(node & 0x3FF) }
+        MsgIdGen {
+            last: AtomicU64::new(0),
+            node: u64::from(node & 0x3FF),
+        }
     }
 
     pub fn next(&self) -> u64 {

@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 /// Binds the MQTT listener. A taken port is a one-line error naming the address and the flag.
 pub async fn bind(addr: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => format!("cannot listen on {addr}: address already in use (choose another with --listen ADDR or listener.tcp.external)"),
+        std::io::ErrorKind::AddrInUse => {
+            format!("cannot listen on {addr}: address already in use (choose another with --listen ADDR or listener.tcp.external)")
+        }
         _ => format!("cannot listen on {addr}: {e} (set --listen ADDR or listener.tcp.external)"),
     })
 }

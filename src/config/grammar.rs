@@ -36,7 +36,10 @@ pub struct ConfError {
 
 impl ConfError {
     pub fn new(origin: &Origin, message: impl Into<String>) -> Self {
-        ConfError { origin: origin.clone(), message: message.into() }
+        ConfError {
+            origin: origin.clone(),
+            message: message.into(),
+        }
     }
 }
 
@@ -68,7 +71,10 @@ impl Entries {
 
     pub fn parse_str(&mut self, name: &Arc<str>, text: &str, errors: &mut Vec<ConfError>) {
         for (i, raw) in text.lines().enumerate() {
-            let origin = Origin::File { path: name.clone(), line: i + 1 };
+            let origin = Origin::File {
+                path: name.clone(),
+                line: i + 1,
+            };
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -79,7 +85,10 @@ impl Entries {
             };
             let key = key.trim();
             if key.is_empty() || key.split('.').any(|t| t.is_empty() || t.contains(char::is_whitespace)) {
-                errors.push(ConfError::new(&origin, format!("malformed key `{key}`: expected dot-separated tokens")));
+                errors.push(ConfError::new(
+                    &origin,
+                    format!("malformed key `{key}`: expected dot-separated tokens"),
+                ));
                 continue;
             }
             self.insert(key.to_string(), value.trim().to_string(), origin);
@@ -89,7 +98,8 @@ impl Entries {
     fn insert(&mut self, key: String, value: String, origin: Origin) {
         if let Some(prev) = self.map.get(&key) {
             if matches!(prev.origin, Origin::File { .. }) && matches!(origin, Origin::File { .. }) {
-                self.warnings.push(format!("{origin}: `{key}` is also set at {}; the later value wins", prev.origin));
+                self.warnings
+                    .push(format!("{origin}: `{key}` is also set at {}; the later value wins", prev.origin));
             }
         }
         self.map.insert(key.clone(), Entry { key, value, origin });
@@ -167,7 +177,10 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(suggest("on_mesage_fetch", ["on_message_fetch", "on_retain_lookup"]), Some("on_message_fetch"));
+        assert_eq!(
+            suggest("on_mesage_fetch", ["on_message_fetch", "on_retain_lookup"]),
+            Some("on_message_fetch")
+        );
         assert_eq!(suggest("zzz", ["on_message_fetch"]), None);
     }
 }

@@ -55,17 +55,88 @@ impl Db {
     pub fn pool_keys(self) -> &'static [&'static str] {
         match self {
             Db::Sqlite => &["path", "synchronous", "busy_timeout", "auto_create_schema", "pool_size"],
-            Db::Pgsql => &["server", "pool_size", "username", "password", "database", "ssl", "ssl_mode", "cacertfile", "certfile", "keyfile", "prepare", "auto_create_schema", "connect_timeout"],
-            Db::Mysql => &["server", "pool_size", "user", "password", "database", "ssl", "cacertfile", "certfile", "keyfile", "auto_create_schema"],
-            Db::Redis => &["type", "server", "sentinel", "pool_size", "database", "password", "channel", "ssl", "cafile", "certfile", "keyfile"],
-            Db::Mongo => &["type", "rs_set_name", "srv_record", "server", "c_pool_size", "database", "login", "password", "auth_source", "ssl", "keyfile", "certfile", "cacertfile", "w_mode", "r_mode", "auto_create_schema"],
-            Db::Cassa => &["nodes", "size", "auto_reconnect", "username", "password", "keyspace", "logger", "auto_create_schema"],
+            Db::Pgsql => &[
+                "server",
+                "pool_size",
+                "username",
+                "password",
+                "database",
+                "ssl",
+                "ssl_mode",
+                "cacertfile",
+                "certfile",
+                "keyfile",
+                "prepare",
+                "auto_create_schema",
+                "connect_timeout",
+            ],
+            Db::Mysql => &[
+                "server",
+                "pool_size",
+                "user",
+                "password",
+                "database",
+                "ssl",
+                "cacertfile",
+                "certfile",
+                "keyfile",
+                "auto_create_schema",
+            ],
+            Db::Redis => &[
+                "type",
+                "server",
+                "sentinel",
+                "pool_size",
+                "database",
+                "password",
+                "channel",
+                "ssl",
+                "cafile",
+                "certfile",
+                "keyfile",
+            ],
+            Db::Mongo => &[
+                "type",
+                "rs_set_name",
+                "srv_record",
+                "server",
+                "c_pool_size",
+                "database",
+                "login",
+                "password",
+                "auth_source",
+                "ssl",
+                "keyfile",
+                "certfile",
+                "cacertfile",
+                "w_mode",
+                "r_mode",
+                "auto_create_schema",
+            ],
+            Db::Cassa => &[
+                "nodes",
+                "size",
+                "auto_reconnect",
+                "username",
+                "password",
+                "keyspace",
+                "logger",
+                "auto_create_schema",
+            ],
         }
     }
 
     /// EMQX 4 keys we accept and ignore (warned once), so old files load unchanged.
     fn ignored_pool_keys(self) -> &'static [&'static str] {
-        &["auto_reconnect", "ssl_opts.keyfile", "ssl_opts.certfile", "ssl_opts.cacertfile", "pool_type", "batch_size", "encoding"]
+        &[
+            "auto_reconnect",
+            "ssl_opts.keyfile",
+            "ssl_opts.certfile",
+            "ssl_opts.cacertfile",
+            "pool_type",
+            "batch_size",
+            "encoding",
+        ]
     }
 
     pub fn param_style(self) -> ParamStyle {
@@ -114,14 +185,19 @@ impl PoolConf {
     pub fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, ConfError> {
         match self.attrs.get(key) {
             None => Ok(default),
-            Some(e) => e.value.parse().map_err(|_| ConfError::new(&e.origin, format!("`{}` must be a number, found `{}`", e.key, e.value))),
+            Some(e) => e
+                .value
+                .parse()
+                .map_err(|_| ConfError::new(&e.origin, format!("`{}` must be a number, found `{}`", e.key, e.value))),
         }
     }
 
     pub fn flag(&self, key: &str, default: bool) -> Result<bool, ConfError> {
         match self.attrs.get(key) {
             None => Ok(default),
-            Some(e) => parse_bool(&e.value).ok_or_else(|| ConfError::new(&e.origin, format!("`{}` must be on/off, found `{}`", e.key, e.value))),
+            Some(e) => {
+                parse_bool(&e.value).ok_or_else(|| ConfError::new(&e.origin, format!("`{}` must be on/off, found `{}`", e.key, e.value)))
+            }
         }
     }
 
@@ -251,8 +327,18 @@ impl fmt::Display for ConfErrors {
 }
 
 const BROKER_KEYS: &[&str] = &[
-    "node.name", "node.id", "listener.tcp.external", "plugins.load", "data.dir", "log.level", "metrics.listen",
-    "persist.no_loss", "persist.queue_capacity", "persist.batch_size", "persist.fetch_timeout", "mqtt.max_packet_size",
+    "node.name",
+    "node.id",
+    "listener.tcp.external",
+    "plugins.load",
+    "data.dir",
+    "log.level",
+    "metrics.listen",
+    "persist.no_loss",
+    "persist.queue_capacity",
+    "persist.batch_size",
+    "persist.fetch_timeout",
+    "mqtt.max_packet_size",
 ];
 
 /// Command-line overrides, applied on top of files and environment.
@@ -265,7 +351,9 @@ pub struct Overrides {
 impl Config {
     /// Loads `etc/mqtt-persist.conf` and the plugin files it lists, with environment overrides.
     pub fn load(etc: &Path, overrides: &Overrides) -> Result<Config, ConfErrors> {
-        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(super::grammar::ENV_PREFIX)).collect();
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(super::grammar::ENV_PREFIX))
+            .collect();
         Self::load_with_env(etc, overrides, &env)
     }
 
@@ -282,7 +370,10 @@ impl Config {
         let mut warnings = std::mem::take(&mut entries.warnings);
         for e in entries.map.values() {
             if !BROKER_KEYS.contains(&e.key.as_str()) {
-                errors.push(ConfError::new(&e.origin, format!("unknown key `{}`{}", e.key, did_you_mean(&e.key, BROKER_KEYS.iter().copied()))));
+                errors.push(ConfError::new(
+                    &e.origin,
+                    format!("unknown key `{}`{}", e.key, did_you_mean(&e.key, BROKER_KEYS.iter().copied())),
+                ));
             }
         }
         let broker = broker_conf(&entries, overrides, &mut errors);
@@ -295,7 +386,10 @@ impl Config {
                     errors.push(ConfError::new(&Origin::Default, format!("cannot read {}: {e}", file.display())));
                 }
             } else {
-                errors.push(ConfError::new(&Origin::Default, format!("plugin `{db}` is listed in plugins.load but {} does not exist", file.display())));
+                errors.push(ConfError::new(
+                    &Origin::Default,
+                    format!("plugin `{db}` is listed in plugins.load but {} does not exist", file.display()),
+                ));
             }
             let prefixes = [format!("backend.{db}."), db.pool_prefix().to_string()];
             pe.apply_env(env, |k| prefixes.iter().any(|p| k.starts_with(p.as_str())));
@@ -303,7 +397,12 @@ impl Config {
             backends.push(backend_conf(*db, file, &pe, &broker, &mut errors, &mut warnings));
         }
         if errors.is_empty() {
-            Ok(Config { etc: etc.to_path_buf(), broker, backends, warnings })
+            Ok(Config {
+                etc: etc.to_path_buf(),
+                broker,
+                backends,
+                warnings,
+            })
         } else {
             Err(ConfErrors(errors))
         }
@@ -323,7 +422,10 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
             Some(x) => match x.value.parse::<u64>() {
                 Ok(v) if v <= max => v,
                 _ => {
-                    errors.push(ConfError::new(&x.origin, format!("`{k}` must be an integer in 0..={max}, found `{}`", x.value)));
+                    errors.push(ConfError::new(
+                        &x.origin,
+                        format!("`{k}` must be an integer in 0..={max}, found `{}`", x.value),
+                    ));
                     d
                 }
             },
@@ -342,7 +444,13 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
             Some(_) => {}
             None => {
                 let origin = e.get("plugins.load").map(|x| x.origin.clone()).unwrap_or(Origin::Default);
-                errors.push(ConfError::new(&origin, format!("unknown backend `{name}` in plugins.load{}", did_you_mean(name, Db::ALL.iter().map(|d| d.name())))));
+                errors.push(ConfError::new(
+                    &origin,
+                    format!(
+                        "unknown backend `{name}` in plugins.load{}",
+                        did_you_mean(name, Db::ALL.iter().map(|d| d.name()))
+                    ),
+                ));
             }
         }
     }
@@ -353,12 +461,18 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
             Some(true) => NoLoss::On,
             Some(false) => NoLoss::Off,
             None => {
-                errors.push(ConfError::new(&x.origin, format!("`persist.no_loss` must be auto, on or off, found `{}`", x.value)));
+                errors.push(ConfError::new(
+                    &x.origin,
+                    format!("`persist.no_loss` must be auto, on or off, found `{}`", x.value),
+                ));
                 NoLoss::Auto
             }
         },
     };
-    let metrics_listen = e.get("metrics.listen").map(|x| x.value.clone()).filter(|v| !v.is_empty() && v != "off");
+    let metrics_listen = e
+        .get("metrics.listen")
+        .map(|x| x.value.clone())
+        .filter(|v| !v.is_empty() && v != "off");
     BrokerConf {
         node_name: get("node.name", "mqtt-persist@127.0.0.1").into(),
         node_id,
@@ -375,7 +489,14 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
     }
 }
 
-fn backend_conf(db: Db, file: PathBuf, e: &Entries, broker: &BrokerConf, errors: &mut Vec<ConfError>, warnings: &mut Vec<String>) -> BackendConf {
+fn backend_conf(
+    db: Db,
+    file: PathBuf,
+    e: &Entries,
+    broker: &BrokerConf,
+    errors: &mut Vec<ConfError>,
+    warnings: &mut Vec<String>,
+) -> BackendConf {
     let hook_prefix = format!("backend.{db}.hook.");
     let global_prefix = format!("backend.{db}.");
     let pool_prefix = db.pool_prefix();
@@ -425,11 +546,17 @@ fn backend_conf(db: Db, file: PathBuf, e: &Entries, broker: &BrokerConf, errors:
             _ => {}
         }
         let Some(rest) = key.strip_prefix(pool_prefix) else {
-            errors.push(ConfError::new(&entry.origin, format!("unknown key `{key}` in the {db} conf: expected `{pool_prefix}<pool>.<attr>` or `backend.{db}.hook.<hook>.<N>`")));
+            errors.push(ConfError::new(
+                &entry.origin,
+                format!("unknown key `{key}` in the {db} conf: expected `{pool_prefix}<pool>.<attr>` or `backend.{db}.hook.<hook>.<N>`"),
+            ));
             continue;
         };
         let Some((pool, attr)) = rest.split_once('.') else {
-            errors.push(ConfError::new(&entry.origin, format!("unknown key `{key}`: expected `{pool_prefix}<pool>.<attr>`")));
+            errors.push(ConfError::new(
+                &entry.origin,
+                format!("unknown key `{key}`: expected `{pool_prefix}<pool>.<attr>`"),
+            ));
             continue;
         };
         if db.ignored_pool_keys().contains(&attr) {
@@ -439,10 +566,21 @@ fn backend_conf(db: Db, file: PathBuf, e: &Entries, broker: &BrokerConf, errors:
             continue;
         }
         if !db.pool_keys().contains(&attr) {
-            errors.push(ConfError::new(&entry.origin, format!("unknown {db} pool setting `{attr}`{}", did_you_mean(attr, db.pool_keys().iter().copied()))));
+            errors.push(ConfError::new(
+                &entry.origin,
+                format!(
+                    "unknown {db} pool setting `{attr}`{}",
+                    did_you_mean(attr, db.pool_keys().iter().copied())
+                ),
+            ));
             continue;
         }
-        let p = pools.entry(pool.to_string()).or_insert_with(|| PoolConf { db, name: pool.to_string(), attrs: BTreeMap::new(), origin: entry.origin.clone() });
+        let p = pools.entry(pool.to_string()).or_insert_with(|| PoolConf {
+            db,
+            name: pool.to_string(),
+            attrs: BTreeMap::new(),
+            origin: entry.origin.clone(),
+        });
         p.attrs.insert(attr.to_string(), entry.clone());
     }
     let mut rules = Vec::new();
@@ -459,7 +597,14 @@ fn backend_conf(db: Db, file: PathBuf, e: &Entries, broker: &BrokerConf, errors:
     }
     rules.sort_by_key(|r| (r.hook, r.n));
     let _ = broker;
-    BackendConf { db, file, pools, rules, message_ttl, spool_dir }
+    BackendConf {
+        db,
+        file,
+        pools,
+        rules,
+        message_ttl,
+        spool_dir,
+    }
 }
 
 /// `2h`, `30m`, `45s`, `1d`, plain seconds, or `infinity`/`0`/`off` for none.
@@ -475,20 +620,31 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
         Some((i, 's')) => (&s[..i], 1),
         _ => (s, 1),
     };
-    num.trim().parse::<u64>().map(|n| Some(Duration::from_secs(n * mult))).map_err(|_| format!("invalid duration `{s}`: expected e.g. `2h`, `30m`, `10s`, `1d` or `infinity`"))
+    num.trim()
+        .parse::<u64>()
+        .map(|n| Some(Duration::from_secs(n * mult)))
+        .map_err(|_| format!("invalid duration `{s}`: expected e.g. `2h`, `30m`, `10s`, `1d` or `infinity`"))
 }
 
 fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolConf>, defaults: &OfflineOpts) -> Result<Rule, String> {
     let Some((hook_name, n)) = rest.rsplit_once('.') else {
-        return Err(format!("malformed hook key `{}`: expected `backend.{db}.hook.<hook>.<N>`", entry.key));
+        return Err(format!(
+            "malformed hook key `{}`: expected `backend.{db}.hook.<hook>.<N>`",
+            entry.key
+        ));
     };
     let hook = Hook::parse(hook_name).ok_or_else(|| format!("unknown hook `{hook_name}`{}", did_you_mean(hook_name, Hook::all_names())))?;
-    let n: u32 = n.parse().map_err(|_| format!("hook rule number must be an integer, found `{n}` in `{}`", entry.key))?;
+    let n: u32 = n
+        .parse()
+        .map_err(|_| format!("hook rule number must be an integer, found `{n}` in `{}`", entry.key))?;
     let json: serde_json::Value = serde_json::from_str(&entry.value).map_err(|e| format!("invalid JSON value: {e}"))?;
     let obj = json.as_object().ok_or("hook value must be a JSON object")?;
     for k in obj.keys() {
         if !["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"].contains(&k.as_str()) {
-            return Err(format!("unknown field `{k}` in hook rule{}", did_you_mean(k, ["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"])));
+            return Err(format!(
+                "unknown field `{k}` in hook rule{}",
+                did_you_mean(k, ["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"])
+            ));
         }
     }
     let topic = match obj.get("topic") {
@@ -503,9 +659,16 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
     };
     if !pools.contains_key(&pool) {
         let names: Vec<&str> = pools.keys().map(String::as_str).collect();
-        return Err(format!("unknown pool `{pool}`{} (configured: {})", did_you_mean(&pool, names.iter().copied()), if names.is_empty() { "none".to_string() } else { names.join(", ") }));
+        return Err(format!(
+            "unknown pool `{pool}`{} (configured: {})",
+            did_you_mean(&pool, names.iter().copied()),
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        ));
     }
-    let action = obj.get("action").and_then(|a| a.as_object()).ok_or("`action` must be an object with `function` or a statement list")?;
+    let action = obj
+        .get("action")
+        .and_then(|a| a.as_object())
+        .ok_or("`action` must be an object with `function` or a statement list")?;
     let action = if let Some(f) = action.get("function") {
         let name = f.as_str().ok_or("`action.function` must be a string")?;
         let b = Builtin::parse(name, db).ok_or_else(|| format!("unknown function `{name}`{}", did_you_mean(name, Builtin::names())))?;
@@ -516,7 +679,14 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
     } else {
         let key = db.statement_key();
         let list = match action.get(key) {
-            Some(serde_json::Value::Array(items)) => items.iter().map(|i| i.as_str().map(str::to_string).ok_or(format!("`action.{key}` items must be strings"))).collect::<Result<Vec<_>, _>>()?,
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .ok_or(format!("`action.{key}` items must be strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
             Some(serde_json::Value::String(s)) => vec![s.clone()],
             _ => {
                 let found = action.keys().next().map(|k| format!(" (found `{k}`)")).unwrap_or_default();
@@ -526,11 +696,18 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         match db {
             Db::Redis => {
                 let pipeline = list.first().is_some_and(|s| s.eq_ignore_ascii_case("pipeline"));
-                let commands = list.iter().skip(usize::from(pipeline)).map(|c| Command::compile(c, hook).map_err(|e| format!("in `{c}`: {e}"))).collect::<Result<Vec<_>, _>>()?;
+                let commands = list
+                    .iter()
+                    .skip(usize::from(pipeline))
+                    .map(|c| Command::compile(c, hook).map_err(|e| format!("in `{c}`: {e}")))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Action::Commands { pipeline, commands }
             }
             _ => {
-                let stmts = list.iter().map(|s| Statement::compile(s, db.param_style(), hook).map_err(|e| format!("in `{s}`: {e}"))).collect::<Result<Vec<_>, _>>()?;
+                let stmts = list
+                    .iter()
+                    .map(|s| Statement::compile(s, db.param_style(), hook).map_err(|e| format!("in `{s}`: {e}")))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Action::Statements(stmts)
             }
         }
@@ -540,7 +717,9 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         let o = o.as_object().ok_or("`offline_opts` must be an object")?;
         for (k, v) in o {
             match k.as_str() {
-                "max_returned_count" => offline.max_returned_count = Some(v.as_u64().ok_or("`max_returned_count` must be a non-negative integer")? as u32),
+                "max_returned_count" => {
+                    offline.max_returned_count = Some(v.as_u64().ok_or("`max_returned_count` must be a non-negative integer")? as u32)
+                }
                 "time_range" => {
                     let s = match v {
                         serde_json::Value::String(s) => s.clone(),
@@ -567,5 +746,16 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         Some(serde_json::Value::String(s)) if s == "mongo_json" || s == "plain_text" => Some(s.clone()),
         Some(v) => return Err(format!("`payload_format` must be \"mongo_json\" or \"plain_text\", found {v}")),
     };
-    Ok(Rule { db, hook, n, topic, action, pool, offline, expired_time: Duration::from_secs(expired_time), payload_format, origin: entry.origin.clone() })
+    Ok(Rule {
+        db,
+        hook,
+        n,
+        topic,
+        action,
+        pool,
+        offline,
+        expired_time: Duration::from_secs(expired_time),
+        payload_format,
+        origin: entry.origin.clone(),
+    })
 }

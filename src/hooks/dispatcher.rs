@@ -40,11 +40,18 @@ impl Bound {
     fn custom_op(&self, ev: &Event, node: &Arc<str>) -> Option<WriteOp> {
         if let Some(stmts) = &self.stmts {
             let params = stmts.iter().map(|s| s.bind(ev, node)).collect();
-            return Some(WriteOp::Statements { stmts: stmts.clone(), params });
+            return Some(WriteOp::Statements {
+                stmts: stmts.clone(),
+                params,
+            });
         }
         if let Some((pipeline, cmds)) = &self.cmds {
             let args = cmds.iter().map(|c| c.bind(ev, node)).collect();
-            return Some(WriteOp::Commands { pipeline: *pipeline, commands: cmds.clone(), args });
+            return Some(WriteOp::Commands {
+                pipeline: *pipeline,
+                commands: cmds.clone(),
+                args,
+            });
         }
         None
     }
@@ -75,7 +82,9 @@ impl Dispatcher {
         let mut metrics = registry.rules.lock();
         metrics.clear();
         for rule in conf.rules() {
-            let Some(pool) = pools.get(&format!("{}:{}", rule.db, rule.pool)) else { continue };
+            let Some(pool) = pools.get(&format!("{}:{}", rule.db, rule.pool)) else {
+                continue;
+            };
             let m = RuleMetrics::new(rule.label());
             metrics.push(m.clone());
             let (stmts, cmds) = match &rule.action {
@@ -83,22 +92,52 @@ impl Dispatcher {
                 Action::Commands { pipeline, commands } => (None, Some((*pipeline, Arc::from(commands.clone())))),
                 Action::Builtin(_) => (None, None),
             };
-            hooks.entry(rule.hook).or_default().push(Bound { rule: rule.clone(), pool: pool.clone(), metrics: m, stmts, cmds });
+            hooks.entry(rule.hook).or_default().push(Bound {
+                rule: rule.clone(),
+                pool: pool.clone(),
+                metrics: m,
+                stmts,
+                cmds,
+            });
         }
         for rules in hooks.values_mut() {
             rules.sort_by_key(|b| (b.rule.n, b.rule.db));
         }
-        let storing = hooks.get(&Hook::MessagePublish).is_some_and(|r| r.iter().any(|b| b.rule.builtin().is_none_or(Builtin::stores_message)));
+        let storing = hooks
+            .get(&Hook::MessagePublish)
+            .is_some_and(|r| r.iter().any(|b| b.rule.builtin().is_none_or(Builtin::stores_message)));
         let no_loss = match conf.broker.no_loss {
             NoLoss::On => true,
             NoLoss::Off => false,
             NoLoss::Auto => storing,
         };
-        let retain_in_db = hooks.get(&Hook::MessagePublish).map(|r| r.iter().filter(|b| b.rule.builtin() == Some(Builtin::MessageRetain)).map(|b| b.rule.topic.clone()).collect()).unwrap_or_default();
-        let has_retain_lookup = hooks.get(&Hook::SessionSubscribed).is_some_and(|r| r.iter().any(|b| b.rule.builtin() == Some(Builtin::RetainLookup)));
+        let retain_in_db = hooks
+            .get(&Hook::MessagePublish)
+            .map(|r| {
+                r.iter()
+                    .filter(|b| b.rule.builtin() == Some(Builtin::MessageRetain))
+                    .map(|b| b.rule.topic.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let has_retain_lookup = hooks
+            .get(&Hook::SessionSubscribed)
+            .is_some_and(|r| r.iter().any(|b| b.rule.builtin() == Some(Builtin::RetainLookup)));
         let mut seen = HashSet::new();
-        let pools = pools.values().filter(|p| seen.insert(p.queue.label().to_string())).cloned().collect();
-        Dispatcher { node: conf.broker.node_name.clone(), hooks, no_loss, retain_in_db, has_retain_lookup, fetch_timeout: conf.broker.fetch_timeout, pools }
+        let pools = pools
+            .values()
+            .filter(|p| seen.insert(p.queue.label().to_string()))
+            .cloned()
+            .collect();
+        Dispatcher {
+            node: conf.broker.node_name.clone(),
+            hooks,
+            no_loss,
+            retain_in_db,
+            has_retain_lookup,
+            fetch_timeout: conf.broker.fetch_timeout,
+            pools,
+        }
     }
 
     pub fn node(&self) -> &Arc<str> {
@@ -121,7 +160,11 @@ impl Dispatcher {
     /// When the database keeps retained messages and serves lookups, the router must not
     /// deliver its own copy as well (one copy per topic, SPEC §3.2).
     pub fn retain_in_db(&self, topic: &str) -> bool {
-        self.has_retain_lookup && self.retain_in_db.iter().any(|f| f.as_deref().is_none_or(|f| topic::matches(topic, f)))
+        self.has_retain_lookup
+            && self
+                .retain_in_db
+                .iter()
+                .any(|f| f.as_deref().is_none_or(|f| topic::matches(topic, f)))
     }
 
     fn rules(&self, hook: Hook) -> &[Bound] {
@@ -139,10 +182,30 @@ impl Dispatcher {
             RuleMetrics::inc(&b.metrics.matched);
             let empty_retained = msg.retain && msg.payload.is_empty();
             let (op, stores) = match b.rule.builtin() {
-                Some(Builtin::MessagePublish) if msg.qos > 0 && !empty_retained => (WriteOp::StoreMessage { msg: msg.clone(), ttl: b.rule.expired_time }, true),
-                Some(Builtin::MessageStore) if !empty_retained => (WriteOp::StoreMessage { msg: msg.clone(), ttl: b.rule.expired_time }, true),
-                Some(Builtin::StoreKeepLatest) if !empty_retained => (WriteOp::StoreLatest { msg: msg.clone(), ttl: b.rule.expired_time }, true),
-                Some(Builtin::MessageRetain) if msg.retain && !msg.payload.is_empty() => (WriteOp::RetainUpsert { msg: msg.clone() }, false),
+                Some(Builtin::MessagePublish) if msg.qos > 0 && !empty_retained => (
+                    WriteOp::StoreMessage {
+                        msg: msg.clone(),
+                        ttl: b.rule.expired_time,
+                    },
+                    true,
+                ),
+                Some(Builtin::MessageStore) if !empty_retained => (
+                    WriteOp::StoreMessage {
+                        msg: msg.clone(),
+                        ttl: b.rule.expired_time,
+                    },
+                    true,
+                ),
+                Some(Builtin::StoreKeepLatest) if !empty_retained => (
+                    WriteOp::StoreLatest {
+                        msg: msg.clone(),
+                        ttl: b.rule.expired_time,
+                    },
+                    true,
+                ),
+                Some(Builtin::MessageRetain) if msg.retain && !msg.payload.is_empty() => {
+                    (WriteOp::RetainUpsert { msg: msg.clone() }, false)
+                }
                 Some(Builtin::RetainDelete) if empty_retained => (WriteOp::RetainDelete { topic: msg.topic.clone() }, false),
                 Some(_) => continue,
                 None => match b.custom_op(&ev, &self.node) {
@@ -150,10 +213,20 @@ impl Dispatcher {
                     None => continue,
                 },
             };
-            let job = Job { op, rule: b.metrics.clone(), ticket: None };
+            let job = Job {
+                op,
+                rule: b.metrics.clone(),
+                ticket: None,
+            };
             match ticket {
                 Some(t) if stores || msg.retain => {
-                    b.pool.queue.push(Job { ticket: Some(t.clone()), ..job }).await;
+                    b.pool
+                        .queue
+                        .push(Job {
+                            ticket: Some(t.clone()),
+                            ..job
+                        })
+                        .await;
                 }
                 _ => {
                     b.pool.queue.try_push(job);
@@ -169,16 +242,43 @@ impl Dispatcher {
                 continue;
             }
             let op = match (b.rule.builtin(), ev) {
-                (Some(Builtin::ClientConnected), Event::Connected { client }) => WriteOp::ClientConnected { clientid: client.clientid.clone(), node: self.node.clone(), connected_at: client.connected_at },
-                (Some(Builtin::ClientDisconnected), Event::Disconnected { client, disconnected_at, .. }) => {
-                    WriteOp::ClientDisconnected { clientid: client.clientid.clone(), connected_at: client.connected_at, disconnected_at: *disconnected_at }
-                }
-                (Some(Builtin::AckedDelete), Event::Unsubscribed { client, filter }) => WriteOp::DeletePointer { clientid: client.clientid.clone(), filter: filter.clone() },
-                (Some(Builtin::MessageAcked), Event::Acked { client, msgid, filters, .. }) if !filters.is_empty() => {
-                    WriteOp::AdvancePointer { clientid: client.clientid.clone(), filters: filters.clone(), msgid: *msgid }
-                }
-                (Some(Builtin::AckedForQueue), Event::Acked { msgid, topic, .. }) => WriteOp::DeleteMessage { msgid: *msgid, topic: topic.clone() },
-                (Some(Builtin::AckedForKeepLatest), Event::Acked { msgid, topic, .. }) => WriteOp::DeleteLatest { topic: topic.clone(), msgid: *msgid },
+                (Some(Builtin::ClientConnected), Event::Connected { client }) => WriteOp::ClientConnected {
+                    clientid: client.clientid.clone(),
+                    node: self.node.clone(),
+                    connected_at: client.connected_at,
+                },
+                (
+                    Some(Builtin::ClientDisconnected),
+                    Event::Disconnected {
+                        client, disconnected_at, ..
+                    },
+                ) => WriteOp::ClientDisconnected {
+                    clientid: client.clientid.clone(),
+                    connected_at: client.connected_at,
+                    disconnected_at: *disconnected_at,
+                },
+                (Some(Builtin::AckedDelete), Event::Unsubscribed { client, filter }) => WriteOp::DeletePointer {
+                    clientid: client.clientid.clone(),
+                    filter: filter.clone(),
+                },
+                (
+                    Some(Builtin::MessageAcked),
+                    Event::Acked {
+                        client, msgid, filters, ..
+                    },
+                ) if !filters.is_empty() => WriteOp::AdvancePointer {
+                    clientid: client.clientid.clone(),
+                    filters: filters.clone(),
+                    msgid: *msgid,
+                },
+                (Some(Builtin::AckedForQueue), Event::Acked { msgid, topic, .. }) => WriteOp::DeleteMessage {
+                    msgid: *msgid,
+                    topic: topic.clone(),
+                },
+                (Some(Builtin::AckedForKeepLatest), Event::Acked { msgid, topic, .. }) => WriteOp::DeleteLatest {
+                    topic: topic.clone(),
+                    msgid: *msgid,
+                },
                 (Some(_), _) => continue,
                 (None, ev) => match b.custom_op(ev, &self.node) {
                     Some(op) => op,
@@ -186,19 +286,29 @@ impl Dispatcher {
                 },
             };
             RuleMetrics::inc(&b.metrics.matched);
-            b.pool.queue.try_push(Job { op, rule: b.metrics.clone(), ticket: None });
+            b.pool.queue.try_push(Job {
+                op,
+                rule: b.metrics.clone(),
+                ticket: None,
+            });
         }
     }
 
     /// `session.subscribed`: queue custom writes, then read what must be delivered to this
     /// client before the subscription's live traffic. `is_new`: new in this session.
     pub async fn subscribed(&self, client: &Arc<Client>, filter: &Arc<str>, qos: u8, is_new: bool) -> Vec<Injection> {
-        let ev = Event::Subscribed { client: client.clone(), filter: filter.clone(), qos };
+        let ev = Event::Subscribed {
+            client: client.clone(),
+            filter: filter.clone(),
+            qos,
+        };
         self.fire(&ev);
         let mut out: Vec<Injection> = Vec::new();
         let mut seen = HashSet::new();
         for b in self.rules(Hook::SessionSubscribed) {
-            let Some(f) = b.rule.builtin().filter(|f| f.delivers_stored()) else { continue };
+            let Some(f) = b.rule.builtin().filter(|f| f.delivers_stored()) else {
+                continue;
+            };
             if !is_new || !b.matches(Some(filter)) {
                 continue;
             }
@@ -216,7 +326,13 @@ impl Dispatcher {
                 if f == Builtin::RetainLookup {
                     b.pool.backend.retained(filter).await
                 } else {
-                    let req = FetchRequest { clientid: client.clientid.clone(), filter: filter.clone(), kind, opts: b.rule.offline.clone(), now: now_ms() };
+                    let req = FetchRequest {
+                        clientid: client.clientid.clone(),
+                        filter: filter.clone(),
+                        kind,
+                        opts: b.rule.offline.clone(),
+                        now: now_ms(),
+                    };
                     b.pool.backend.fetch(&req).await
                 }
             };
@@ -224,7 +340,11 @@ impl Dispatcher {
                 Ok(Ok(msgs)) => {
                     RuleMetrics::inc(&b.metrics.success);
                     let retained = f == Builtin::RetainLookup;
-                    out.extend(msgs.into_iter().filter(|m| seen.insert((retained, m.msgid))).map(|msg| Injection { msg, retained }));
+                    out.extend(
+                        msgs.into_iter()
+                            .filter(|m| seen.insert((retained, m.msgid)))
+                            .map(|msg| Injection { msg, retained }),
+                    );
                 }
                 Ok(Err(e)) => {
                     RuleMetrics::inc(&b.metrics.failed);
@@ -273,7 +393,8 @@ impl Dispatcher {
 
     /// True when any `client.connected` rule subscribes clients from the database.
     pub fn has_subscribe_lookup(&self) -> bool {
-        self.rules(Hook::ClientConnected).iter().any(|b| b.rule.builtin() == Some(Builtin::SubscribeLookup))
+        self.rules(Hook::ClientConnected)
+            .iter()
+            .any(|b| b.rule.builtin() == Some(Builtin::SubscribeLookup))
     }
-
 }

@@ -57,11 +57,33 @@ impl Hook {
     pub fn vars(self) -> &'static [Var] {
         use Var::*;
         match self {
-            Hook::ClientConnected => &[Clientid, Username, Peerhost, Peerport, ProtoVer, Keepalive, CleanStart, ConnectedAt, Node],
+            Hook::ClientConnected => &[
+                Clientid,
+                Username,
+                Peerhost,
+                Peerport,
+                ProtoVer,
+                Keepalive,
+                CleanStart,
+                ConnectedAt,
+                Node,
+            ],
             Hook::ClientDisconnected => &[Clientid, Username, Peerhost, Reason, ConnectedAt, DisconnectedAt, Node],
             Hook::SessionSubscribed => &[Clientid, Username, Topic, Qos],
             Hook::SessionUnsubscribed => &[Clientid, Username, Topic],
-            Hook::MessagePublish => &[Clientid, Username, Msgid, Topic, Payload, Qos, Retain, Timestamp, TimestampStr, Node, Message],
+            Hook::MessagePublish => &[
+                Clientid,
+                Username,
+                Msgid,
+                Topic,
+                Payload,
+                Qos,
+                Retain,
+                Timestamp,
+                TimestampStr,
+                Node,
+                Message,
+            ],
             Hook::MessageDelivered => &[Clientid, Msgid, Topic, Qos, Payload, Timestamp],
             Hook::MessageAcked => &[Clientid, Msgid, Topic],
         }
@@ -154,7 +176,13 @@ impl Value {
             Value::Int(i) => i.to_string().into_bytes(),
             Value::Str(s) => s.as_bytes().to_vec(),
             Value::Bytes(b) => b.to_vec(),
-            Value::Bool(b) => if *b { b"true".to_vec() } else { b"false".to_vec() },
+            Value::Bool(b) => {
+                if *b {
+                    b"true".to_vec()
+                } else {
+                    b"false".to_vec()
+                }
+            }
         }
     }
 }
@@ -188,15 +216,39 @@ pub struct Message {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Connected { client: Arc<Client> },
-    Disconnected { client: Arc<Client>, reason: Arc<str>, disconnected_at: i64 },
-    Subscribed { client: Arc<Client>, filter: Arc<str>, qos: u8 },
-    Unsubscribed { client: Arc<Client>, filter: Arc<str> },
-    Publish { msg: Arc<Message> },
+    Connected {
+        client: Arc<Client>,
+    },
+    Disconnected {
+        client: Arc<Client>,
+        reason: Arc<str>,
+        disconnected_at: i64,
+    },
+    Subscribed {
+        client: Arc<Client>,
+        filter: Arc<str>,
+        qos: u8,
+    },
+    Unsubscribed {
+        client: Arc<Client>,
+        filter: Arc<str>,
+    },
+    Publish {
+        msg: Arc<Message>,
+    },
     /// `qos` is the QoS the receiver got.
-    Delivered { client: Arc<Client>, msg: Arc<Message>, qos: u8 },
+    Delivered {
+        client: Arc<Client>,
+        msg: Arc<Message>,
+        qos: u8,
+    },
     /// `filters` are the receiver's subscriptions matching the topic (for ack pointers).
-    Acked { client: Arc<Client>, msgid: u64, topic: Arc<str>, filters: Arc<[Arc<str>]> },
+    Acked {
+        client: Arc<Client>,
+        msgid: u64,
+        topic: Arc<str>,
+        filters: Arc<[Arc<str>]>,
+    },
 }
 
 impl Event {
@@ -245,7 +297,13 @@ impl Event {
             (_, Var::Clientid) => s(self.clientid()),
             (Event::Publish { msg }, Var::Username) => opt(&msg.username),
             (Event::Publish { .. }, _) | (Event::Delivered { .. }, _) => self.message_value(var),
-            (Event::Connected { client } | Event::Disconnected { client, .. } | Event::Subscribed { client, .. } | Event::Unsubscribed { client, .. }, Var::Username) => opt(&client.username),
+            (
+                Event::Connected { client }
+                | Event::Disconnected { client, .. }
+                | Event::Subscribed { client, .. }
+                | Event::Unsubscribed { client, .. },
+                Var::Username,
+            ) => opt(&client.username),
             (Event::Connected { client } | Event::Disconnected { client, .. }, v) => match v {
                 Var::Peerhost => Value::Str(client.peerhost.as_str().into()),
                 Var::Peerport => Value::Int(client.peerport.into()),
@@ -263,7 +321,10 @@ impl Event {
                 },
                 _ => Value::Null,
             },
-            (Event::Subscribed { filter, qos, .. }, Var::Topic) => { let _ = qos; s(filter) }
+            (Event::Subscribed { filter, qos, .. }, Var::Topic) => {
+                let _ = qos;
+                s(filter)
+            }
             (Event::Subscribed { qos, .. }, Var::Qos) => Value::Int((*qos).into()),
             (Event::Unsubscribed { filter, .. }, Var::Topic) => s(filter),
             (Event::Acked { msgid, .. }, Var::Msgid) => Value::Int(*msgid as i64),
@@ -293,7 +354,10 @@ impl Event {
 
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
@@ -303,7 +367,12 @@ pub fn timestamp_str(ms: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{millis:03}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{millis:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).

@@ -21,11 +21,21 @@ pub trait Kit: Sized {
     /// The plugin conf: pools, the default rule set, and the custom rule on `custom/#`.
     fn plugin_conf(&self) -> String {
         let db = Self::DB;
-        let r = |hook: &str, n: u32, topic: &str, f: &str| format!("backend.{db}.hook.{hook}.{n} = {{\"topic\": \"{topic}\", \"action\": {{\"function\": \"{f}\"}}, \"pool\": \"pool1\"}}\n");
+        let r = |hook: &str, n: u32, topic: &str, f: &str| {
+            format!(
+                "backend.{db}.hook.{hook}.{n} = {{\"topic\": \"{topic}\", \"action\": {{\"function\": \"{f}\"}}, \"pool\": \"pool1\"}}\n"
+            )
+        };
         let mut s = self.pool_conf();
-        s.push_str(&format!("backend.{db}.hook.client.connected.1 = {{\"action\": {{\"function\": \"on_client_connected\"}}, \"pool\": \"pool1\"}}\n"));
-        s.push_str(&format!("backend.{db}.hook.client.connected.2 = {{\"action\": {{\"function\": \"on_subscribe_lookup\"}}, \"pool\": \"pool1\"}}\n"));
-        s.push_str(&format!("backend.{db}.hook.client.disconnected.1 = {{\"action\": {{\"function\": \"on_client_disconnected\"}}, \"pool\": \"pool1\"}}\n"));
+        s.push_str(&format!(
+            "backend.{db}.hook.client.connected.1 = {{\"action\": {{\"function\": \"on_client_connected\"}}, \"pool\": \"pool1\"}}\n"
+        ));
+        s.push_str(&format!(
+            "backend.{db}.hook.client.connected.2 = {{\"action\": {{\"function\": \"on_subscribe_lookup\"}}, \"pool\": \"pool1\"}}\n"
+        ));
+        s.push_str(&format!(
+            "backend.{db}.hook.client.disconnected.1 = {{\"action\": {{\"function\": \"on_client_disconnected\"}}, \"pool\": \"pool1\"}}\n"
+        ));
         s.push_str(&r("session.subscribed", 1, "#", "on_message_fetch"));
         s.push_str(&r("session.subscribed", 2, "#", "on_retain_lookup"));
         s.push_str(&r("session.subscribed", 3, "queue/#", "on_message_fetch_for_queue"));
@@ -35,7 +45,10 @@ pub trait Kit: Sized {
         s.push_str(&r("message.publish", 3, "#", "on_retain_delete"));
         s.push_str(&r("message.acked", 1, "#", "on_message_acked"));
         s.push_str(&r("message.acked", 2, "queue/#", "on_message_acked_for_queue"));
-        s.push_str(&format!("backend.{db}.hook.message.publish.9 = {{\"topic\": \"custom/#\", \"action\": {}, \"pool\": \"pool1\"}}\n", self.custom_action()));
+        s.push_str(&format!(
+            "backend.{db}.hook.message.publish.9 = {{\"topic\": \"custom/#\", \"action\": {}, \"pool\": \"pool1\"}}\n",
+            self.custom_action()
+        ));
         s
     }
 }
@@ -75,16 +88,24 @@ impl Kit for SqliteKit {
 
     async fn client_state(&self, clientid: &str) -> Option<i64> {
         use rusqlite::OptionalExtension;
-        self.conn().query_row("SELECT state FROM mqtt_client WHERE clientid = ?1", [clientid], |r| r.get(0)).optional().unwrap()
+        self.conn()
+            .query_row("SELECT state FROM mqtt_client WHERE clientid = ?1", [clientid], |r| r.get(0))
+            .optional()
+            .unwrap()
     }
 
     async fn stored_count(&self, topic: &str) -> i64 {
-        self.conn().query_row("SELECT count(*) FROM mqtt_msg WHERE topic = ?1", [topic], |r| r.get(0)).unwrap()
+        self.conn()
+            .query_row("SELECT count(*) FROM mqtt_msg WHERE topic = ?1", [topic], |r| r.get(0))
+            .unwrap()
     }
 
     async fn retained(&self, topic: &str) -> Option<Vec<u8>> {
         use rusqlite::OptionalExtension;
-        self.conn().query_row("SELECT payload FROM mqtt_retain WHERE topic = ?1", [topic], |r| r.get(0)).optional().unwrap()
+        self.conn()
+            .query_row("SELECT payload FROM mqtt_retain WHERE topic = ?1", [topic], |r| r.get(0))
+            .optional()
+            .unwrap()
     }
 
     async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
@@ -100,6 +121,11 @@ impl Kit for SqliteKit {
     }
 
     async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64) {
-        self.conn().execute("INSERT INTO mqtt_sub (clientid, topic, qos) VALUES (?1, ?2, ?3)", rusqlite::params![clientid, topic, qos]).unwrap();
+        self.conn()
+            .execute(
+                "INSERT INTO mqtt_sub (clientid, topic, qos) VALUES (?1, ?2, ?3)",
+                rusqlite::params![clientid, topic, qos],
+            )
+            .unwrap();
     }
 }

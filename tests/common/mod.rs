@@ -16,7 +16,11 @@ use tokio::sync::mpsc;
 /// A unique name per test (and per process), for topics, client ids, databases.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() % 100_000_000;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+        % 100_000_000;
     format!("{prefix}{}x{t}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
@@ -65,7 +69,10 @@ impl BrokerProc {
             .expect("spawn mqtt-persist");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        for out in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
             let log = log.clone();
             let tx = tx.clone();
             std::thread::spawn(move || {
@@ -152,8 +159,16 @@ pub async fn connect_with(opts: MqttOptions) -> Client {
             }
         }
     });
-    let session_present = tokio::time::timeout(Duration::from_secs(10), crx).await.expect("CONNACK within 10 s").expect("connection failed");
-    Client { client, rx, session_present, task }
+    let session_present = tokio::time::timeout(Duration::from_secs(10), crx)
+        .await
+        .expect("CONNACK within 10 s")
+        .expect("connection failed");
+    Client {
+        client,
+        rx,
+        session_present,
+        task,
+    }
 }
 
 impl Client {
@@ -172,7 +187,11 @@ impl Client {
         while out.len() < n {
             match tokio::time::timeout_at(deadline.into(), self.rx.recv()).await {
                 Ok(Some(p)) => out.push(p),
-                _ => panic!("expected {n} publishes, got {}: {:?}", out.len(), out.iter().map(|p| (&p.topic, p.payload.clone())).collect::<Vec<_>>()),
+                _ => panic!(
+                    "expected {n} publishes, got {}: {:?}",
+                    out.len(),
+                    out.iter().map(|p| (&p.topic, p.payload.clone())).collect::<Vec<_>>()
+                ),
             }
         }
         if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(400), self.rx.recv()).await {
@@ -219,5 +238,8 @@ where
 
 /// Backends the suite was told to skip: `MQTT_PERSIST_SKIP=pgsql,redis`.
 pub fn skipped(db: &str) -> bool {
-    std::env::var("MQTT_PERSIST_SKIP").unwrap_or_default().split(',').any(|s| s.trim() == db)
+    std::env::var("MQTT_PERSIST_SKIP")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == db)
 }

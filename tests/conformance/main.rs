@@ -14,7 +14,11 @@ macro_rules! conformance {
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $name() {
                         if super::common::skipped(<$kit as Kit>::DB) {
-                            eprintln!("SKIPPED: {} on {} (MQTT_PERSIST_SKIP)", stringify!($name), <$kit as Kit>::DB);
+                            eprintln!(
+                                "SKIPPED: {} on {} (MQTT_PERSIST_SKIP)",
+                                stringify!($name),
+                                <$kit as Kit>::DB
+                            );
                             return;
                         }
                         super::scenarios::$name::<$kit>().await;

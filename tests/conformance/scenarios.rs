@@ -9,7 +9,10 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn state_of<K: Kit>(kit: &K, id: &str, want: i64) {
-    eventually(&format!("mqtt_client.state = {want} for {id}"), WAIT, || async { (kit.client_state(id).await == Some(want)).then_some(()) }).await;
+    eventually(&format!("mqtt_client.state = {want} for {id}"), WAIT, || async {
+        (kit.client_state(id).await == Some(want)).then_some(())
+    })
+    .await;
 }
 
 pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
@@ -17,14 +20,24 @@ pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
     let topic = format!("{}/temp", unique("r"));
     let port = broker.port().to_string();
-    let st = std::process::Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-m", "21.5", "-r", "-q", "1"]).status().expect("mosquitto_pub installed");
+    let st = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-m", "21.5", "-r", "-q", "1"])
+        .status()
+        .expect("mosquitto_pub installed");
     assert!(st.success());
     eventually("retained row", WAIT, || async { kit.retained(&topic).await }).await;
     let broker = broker.restart();
     let port = broker.port().to_string();
-    let out = std::process::Command::new("mosquitto_sub").args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-v", "-W", "2"]).output().expect("mosquitto_sub installed");
+    let out = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-v", "-W", "2"])
+        .output()
+        .expect("mosquitto_sub installed");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().collect::<Vec<_>>(), vec![format!("{topic} 21.5")], "exactly one retained copy after restart");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec![format!("{topic} 21.5")],
+        "exactly one retained copy after restart"
+    );
 }
 
 pub async fn retained_lookup_matches_wildcards_with_one_copy_per_topic<K: Kit>() {
@@ -49,7 +62,10 @@ pub async fn retained_lookup_matches_wildcards_with_one_copy_per_topic<K: Kit>()
     // An empty retained publish deletes the stored message.
     p.publish(&format!("{base}/a/1"), QoS::AtLeastOnce, true, Vec::new()).await;
     let gone = format!("{base}/a/1");
-    eventually("retained row deleted", WAIT, || async { kit.retained(&gone).await.is_none().then_some(()) }).await;
+    eventually("retained row deleted", WAIT, || async {
+        kit.retained(&gone).await.is_none().then_some(())
+    })
+    .await;
 }
 
 pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
@@ -67,7 +83,10 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
         p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, format!("m{i}")).await;
     }
     let topic = format!("{base}/x");
-    eventually("3 stored messages", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
+    eventually("3 stored messages", WAIT, || async {
+        (kit.stored_count(&topic).await == 3).then_some(())
+    })
+    .await;
     p.disconnect().await;
     // The broker restarts: only the database remembers.
     let broker = broker.restart();
@@ -76,7 +95,10 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
     let mut a = connect(broker.addr, &id, false).await;
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     let got = a.expect(3, WAIT).await;
-    assert_eq!(got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(), vec![b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
+    assert_eq!(
+        got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(),
+        vec![b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()]
+    );
     other.expect_none(Duration::from_millis(800)).await;
     a.disconnect().await;
     // Acked: a reconnect after another restart gets nothing again.
@@ -108,7 +130,10 @@ pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
     assert!(a.session_present);
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     let got = a.expect(4, WAIT).await;
-    assert_eq!(got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(), (0..4).map(|i| format!("q{i}").into_bytes()).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(),
+        (0..4).map(|i| format!("q{i}").into_bytes()).collect::<Vec<_>>()
+    );
 }
 
 pub async fn client_state_follows_connects_and_takeovers<K: Kit>() {
@@ -194,7 +219,8 @@ pub async fn wildcard_fetch_delivers_only_matching_topics<K: Kit>() {
     a.disconnect().await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for t in ["k1/temp", "k2/temp", "k1/hum", "k1/temp/x"] {
-        p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, false, t.as_bytes().to_vec()).await;
+        p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, false, t.as_bytes().to_vec())
+            .await;
     }
     let t = format!("{base}/k1/hum");
     eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
@@ -203,7 +229,10 @@ pub async fn wildcard_fetch_delivers_only_matching_topics<K: Kit>() {
     let mut a = connect(broker.addr, &id, false).await;
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     let got = a.expect(2, WAIT).await;
-    assert_eq!(got.iter().map(|p| p.topic.clone()).collect::<Vec<_>>(), vec![format!("{base}/k1/temp"), format!("{base}/k2/temp")]);
+    assert_eq!(
+        got.iter().map(|p| p.topic.clone()).collect::<Vec<_>>(),
+        vec![format!("{base}/k1/temp"), format!("{base}/k2/temp")]
+    );
 }
 
 pub async fn qos0_is_not_stored_by_on_message_publish<K: Kit>() {
@@ -245,8 +274,14 @@ pub async fn queue_messages_are_deleted_by_the_first_ack<K: Kit>() {
     let mut w = connect(broker.addr, &unique("worker"), true).await;
     w.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
     let got = w.expect(2, WAIT).await;
-    assert_eq!(got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(), vec![b"job0".to_vec(), b"job1".to_vec()]);
-    eventually("queue drained by acks", WAIT, || async { (kit.stored_count(&topic).await == 0).then_some(()) }).await;
+    assert_eq!(
+        got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(),
+        vec![b"job0".to_vec(), b"job1".to_vec()]
+    );
+    eventually("queue drained by acks", WAIT, || async {
+        (kit.stored_count(&topic).await == 0).then_some(())
+    })
+    .await;
     let mut w2 = connect(broker.addr, &unique("worker"), true).await;
     w2.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
     w2.expect_none(Duration::from_millis(800)).await;
