@@ -1,0 +1,260 @@
+//! MQTT behaviour of the layer on rumqttd: protocol versions, QoS 2, wills, keepalive, hostile
+//! client ids, packet-id cycling, no-loss acknowledgements. Each test also pins a rumqttd trap
+//! (ARCHITECTURE §2) so that an upgrade that changes it fails here.
+
+mod common;
+
+use bytes::BytesMut;
+use common::kits::{Kit, SqliteKit};
+use common::*;
+use rumqttc::QoS;
+use rumqttd::protocol::{v4::V4, Connect, LastWill, Packet, Protocol};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn broker() -> (SqliteKit, BrokerProc) {
+    let kit = SqliteKit::new().await;
+    let b = BrokerProc::start("sqlite", &kit.plugin_conf());
+    (kit, b)
+}
+
+/// A raw v3.1.1 connection: CONNECT written by rumqttd's own codec.
+async fn raw_connect(addr: std::net::SocketAddr, id: &str, keepalive: u16, will: Option<LastWill>) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    let c = Connect {
+        keep_alive: keepalive,
+        client_id: id.into(),
+        clean_session: true,
+    };
+    V4.write(Packet::Connect(c, None, will, None, None), &mut buf).unwrap();
+    s.write_all(&buf).await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await.unwrap().unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK success");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_clients_keep_their_user_properties_and_never_see_internal_ones() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/v5", unique("p"));
+    let mut o = MqttOptions::new(unique("v5sub"), "127.0.0.1", b.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut el) = AsyncClient::new(o, 100);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(P5::Publish(p)) = ev {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    sub.subscribe(&topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut o = MqttOptions::new(unique("v5pub"), "127.0.0.1", b.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (publ, mut el2) = AsyncClient::new(o, 100);
+    tokio::spawn(async move { while el2.poll().await.is_ok() {} });
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    publ.publish_with_properties(&topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "hi", props)
+        .await
+        .unwrap();
+    let p = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&p.payload[..], b"hi");
+    let props = p.properties.expect("properties forwarded");
+    assert_eq!(props.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_messages_flow_end_to_end_and_are_stored() {
+    let (kit, b) = broker().await;
+    let topic = format!("{}/q2", unique("p"));
+    let mut s = connect(b.addr, &unique("s"), true).await;
+    s.subscribe(&topic, QoS::ExactlyOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = connect(b.addr, &unique("p"), true).await;
+    for i in 0..5 {
+        p.publish(&topic, QoS::ExactlyOnce, false, format!("x{i}")).await;
+    }
+    let got = s.expect(5, WAIT).await;
+    assert!(got.iter().all(|m| m.qos == QoS::ExactlyOnce));
+    eventually("5 stored", WAIT, || async { (kit.stored_count(&topic).await == 5).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_qos1_messages_than_router_packet_ids_are_delivered_in_order() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/many", unique("p"));
+    let mut s = connect(b.addr, &unique("s"), true).await;
+    s.subscribe(&topic, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = connect(b.addr, &unique("p"), true).await;
+    for i in 0..350 {
+        p.publish(&topic, QoS::AtLeastOnce, false, format!("{i}")).await;
+    }
+    let got = s.expect(350, WAIT).await;
+    let nums: Vec<u32> = got
+        .iter()
+        .map(|m| std::str::from_utf8(&m.payload).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(nums, (0..350).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_where_nobody_subscribes_keeps_the_publisher_connected() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/nobody", unique("p"));
+    let mut p = connect(b.addr, &unique("p"), true).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, "x").await;
+    p.publish(&format!("{topic}/2"), QoS::AtMostOnce, false, "y").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let echo = format!("{topic}/echo");
+    p.subscribe(&echo, QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.publish(&echo, QoS::AtMostOnce, false, "still here").await;
+    assert_eq!(&p.expect(1, WAIT).await[0].payload[..], b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_with_mqtt_special_characters_work() {
+    let (kit, b) = broker().await;
+    let id = format!("{}/room#1+$x%2F", unique("dev"));
+    let topic = format!("{}/t", unique("p"));
+    let mut c = connect(b.addr, &id, true).await;
+    c.subscribe(&topic, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.publish(&topic, QoS::AtLeastOnce, false, "me").await;
+    c.expect(1, WAIT).await;
+    eventually("client row", WAIT, || async { kit.client_state(&id).await.filter(|s| *s == 1) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_will_is_published_on_abnormal_close_but_not_after_disconnect() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/will", unique("p"));
+    let mut s = connect(b.addr, &unique("s"), true).await;
+    s.subscribe(&topic, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let will = LastWill {
+        topic: topic.clone().into(),
+        message: "gone".into(),
+        qos: rumqttd::protocol::QoS::AtLeastOnce,
+        retain: false,
+    };
+    let clean = raw_connect(b.addr, &unique("w1"), 30, Some(will.clone())).await;
+    let mut d = BytesMut::new();
+    V4.write(
+        Packet::Disconnect(
+            rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        ),
+        &mut d,
+    )
+    .unwrap();
+    let mut clean = clean;
+    clean.write_all(&d).await.unwrap();
+    drop(clean);
+    s.expect_none(Duration::from_millis(500)).await;
+    let dirty = raw_connect(b.addr, &unique("w2"), 30, Some(will)).await;
+    drop(dirty);
+    let got = s.expect(1, WAIT).await;
+    assert_eq!(&got[0].payload[..], b"gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_after_one_and_a_half_keepalives() {
+    let (kit, b) = broker().await;
+    let id = unique("ka");
+    let mut s = raw_connect(b.addr, &id, 1, None).await;
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    assert_eq!(n, 0, "connection closed");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(3000),
+        "closed after {took:?}"
+    );
+    eventually("offline", WAIT, || async { kit.client_state(&id).await.filter(|s| *s == 0) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_zero_means_no_timeout() {
+    let (_kit, b) = broker().await;
+    let mut s = raw_connect(b.addr, &unique("ka0"), 0, None).await;
+    let mut buf = [0u8; 16];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(2500), s.read(&mut buf)).await.is_err(),
+        "connection must stay open"
+    );
+    let mut ping = BytesMut::new();
+    V4.write(Packet::PingReq(rumqttd::protocol::PingReq), &mut ping).unwrap();
+    s.write_all(&ping).await.unwrap();
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], &[0xd0, 0], "PINGRESP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puback_means_the_message_is_already_in_the_database() {
+    let (kit, b) = broker().await;
+    let topic = format!("{}/nl", unique("p"));
+    let mut o = rumqttc::MqttOptions::new(unique("nl"), "127.0.0.1", b.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    for i in 0..30 {
+        client.publish(&topic, QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, el.poll()).await.unwrap().unwrap() {
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => break,
+                _ => continue,
+            }
+        }
+        assert_eq!(kit.stored_count(&topic).await, i + 1, "PUBACK before commit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_messages_reach_a_qos2_subscriber() {
+    let (kit, b) = broker().await;
+    let base = unique("q2f");
+    let id = unique("dev");
+    let a = connect(b.addr, &id, false).await;
+    a.subscribe(&format!("{base}/#"), QoS::ExactlyOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(b.addr, &unique("pub"), true).await;
+    p.publish(&format!("{base}/a"), QoS::ExactlyOnce, false, "two").await;
+    p.publish(&format!("{base}/a"), QoS::AtLeastOnce, false, "one").await;
+    let t = format!("{base}/a");
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 2).then_some(()) }).await;
+    let b = b.restart();
+    let mut a = connect(b.addr, &id, false).await;
+    a.subscribe(&format!("{base}/#"), QoS::ExactlyOnce).await;
+    let got = a.expect(2, WAIT).await;
+    assert_eq!(
+        got.iter().map(|m| (m.qos, m.payload.to_vec())).collect::<Vec<_>>(),
+        vec![(QoS::ExactlyOnce, b"two".to_vec()), (QoS::AtLeastOnce, b"one".to_vec())]
+    );
+    // Acks of injected QoS 2 (PUBREC → PUBREL → PUBCOMP) advance the pointer too.
+    a.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = b.restart();
+    let mut a = connect(b.addr, &id, false).await;
+    a.subscribe(&format!("{base}/#"), QoS::ExactlyOnce).await;
+    a.expect_none(Duration::from_secs(1)).await;
+}
