@@ -17,6 +17,8 @@ pub fn schema(db: config::Db) -> Option<&'static str> {
     match db {
         #[cfg(feature = "sqlite")]
         config::Db::Sqlite => Some(backends::sqlite::SCHEMA),
+        #[cfg(feature = "pgsql")]
+        config::Db::Pgsql => Some(backends::pgsql::SCHEMA),
         _ => None,
     }
 }

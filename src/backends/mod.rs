@@ -12,9 +12,13 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "pgsql")]
+pub mod pgsql;
 pub mod queue;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// One write, in the order the broker produced it. Every op is idempotent so that a batch can
 /// be retried after an error whose outcome is unknown.
@@ -155,6 +159,8 @@ pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<
     match pool.db {
         #[cfg(feature = "sqlite")]
         Db::Sqlite => Ok(Arc::new(sqlite::SqliteBackend::open(pool, data_dir)?)),
+        #[cfg(feature = "pgsql")]
+        Db::Pgsql => Ok(Arc::new(pgsql::PgBackend::connect(pool).await?)),
         other => {
             let _ = data_dir;
             Err(pool.error(
@@ -171,6 +177,8 @@ pub fn validate(pool: &PoolConf) -> Result<(), crate::config::ConfError> {
     match pool.db {
         #[cfg(feature = "sqlite")]
         Db::Sqlite => sqlite::SqliteSettings::parse(pool, std::path::Path::new(".")).map(|_| ()),
+        #[cfg(feature = "pgsql")]
+        Db::Pgsql => pgsql::PgSettings::parse(pool).map(|_| ()),
         other => Err(pool.error("", format!("backend `{other}` is not built into this binary yet"))),
     }
 }

@@ -129,3 +129,104 @@ impl Kit for SqliteKit {
             .unwrap();
     }
 }
+
+/// PostgreSQL: a fresh database per test on the server of `PG_URL`.
+pub struct PgKit {
+    client: tokio_postgres::Client,
+    conf: String,
+}
+
+pub fn pg_url() -> String {
+    std::env::var("PG_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+}
+
+pub async fn pg_connect(cfg: &tokio_postgres::Config) -> tokio_postgres::Client {
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL at {} is unreachable ({e}); start it or set MQTT_PERSIST_SKIP=pgsql",
+            pg_url()
+        )
+    });
+    tokio::spawn(conn);
+    client
+}
+
+impl Kit for PgKit {
+    const DB: &'static str = "pgsql";
+
+    async fn new() -> Self {
+        let mut cfg: tokio_postgres::Config = pg_url().parse().expect("PG_URL");
+        let admin = pg_connect(&cfg).await;
+        let db = crate::common::unique("mp_t").to_lowercase();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+        cfg.dbname(&db);
+        let client = pg_connect(&cfg).await;
+        client.batch_execute(mqtt_persist::backends::pgsql::SCHEMA).await.unwrap();
+        client.batch_execute("CREATE TABLE t (c TEXT, p BYTEA)").await.unwrap();
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let mut conf = format!(
+            "backend.pgsql.pool1.server = {host}:{port}\nbackend.pgsql.pool1.username = {}\nbackend.pgsql.pool1.database = {db}\nbackend.pgsql.pool1.pool_size = 4\n",
+            cfg.get_user().unwrap_or("root")
+        );
+        if let Some(p) = cfg.get_password() {
+            conf.push_str(&format!("backend.pgsql.pool1.password = {}\n", String::from_utf8_lossy(p)));
+        }
+        PgKit { client, conf }
+    }
+
+    fn pool_conf(&self) -> String {
+        self.conf.clone()
+    }
+
+    fn custom_action(&self) -> String {
+        r#"{"sql": ["insert into t(c, p) values (${clientid}, ${payload})"]}"#.to_string()
+    }
+
+    async fn client_state(&self, clientid: &str) -> Option<i64> {
+        self.client
+            .query_opt("SELECT state::int8 FROM mqtt_client WHERE clientid = $1", &[&clientid])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    }
+
+    async fn stored_count(&self, topic: &str) -> i64 {
+        self.client
+            .query_one("SELECT count(*) FROM mqtt_msg WHERE topic = $1", &[&topic])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn retained(&self, topic: &str) -> Option<Vec<u8>> {
+        self.client
+            .query_opt("SELECT payload FROM mqtt_retain WHERE topic = $1", &[&topic])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    }
+
+    async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
+        self.client
+            .query("SELECT p FROM t WHERE c = $1", &[&clientid])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64) {
+        self.client
+            .execute(
+                "INSERT INTO mqtt_sub (clientid, topic, qos) VALUES ($1, $2, $3::int8::int2)",
+                &[&clientid, &topic, &qos],
+            )
+            .await
+            .unwrap();
+    }
+}

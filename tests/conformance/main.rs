@@ -41,3 +41,4 @@ macro_rules! conformance {
 }
 
 conformance!(sqlite, crate::common::kits::SqliteKit);
+conformance!(pgsql, crate::common::kits::PgKit);

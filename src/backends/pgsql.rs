@@ -1,0 +1,714 @@
+//! PostgreSQL through deadpool-postgres. Consecutive stores, pointer advances and retained
+//! upserts in a batch become one `UNNEST` statement each (no bind-parameter cap, one round
+//! trip); everything else runs in order. Statements are prepared and cached per connection,
+//! or sent unnamed (`prepare = off`) for PgBouncer in transaction mode — bound either way.
+
+use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use crate::actions::Statement;
+use crate::config::{ConfError, PoolConf};
+use crate::hooks::{Message, Value};
+use crate::topic;
+use bytes::BytesMut;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::future::BoxFuture;
+use futures::{pin_mut, StreamExt};
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+use tokio_postgres::Row;
+
+pub const SCHEMA: &str = include_str!("../../schema/pgsql.sql");
+
+/// Parsed `backend.pgsql.<pool>.*` settings.
+#[derive(Clone)]
+pub struct PgSettings {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub pool_size: usize,
+    pub prepare: bool,
+    pub auto_create_schema: bool,
+    pub connect_timeout: Duration,
+    pub tls: Option<super::tls::TlsFiles>,
+}
+
+impl std::fmt::Debug for PgSettings {
+    // Never print the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+}
+
+impl PgSettings {
+    pub fn parse(pool: &PoolConf) -> Result<Self, ConfError> {
+        let server = pool.str_or("server", "127.0.0.1:5432");
+        let (host, port) = match server.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse()
+                    .map_err(|_| pool.error("server", format!("bad port in `{server}`: expected host:port")))?,
+            ),
+            None => (server.to_string(), 5432),
+        };
+        let tls = if pool.flag("ssl", false)? {
+            Some(super::tls::TlsFiles::parse(pool, "cacertfile")?)
+        } else {
+            None
+        };
+        if let Some(mode) = pool.str("ssl_mode") {
+            if !["disable", "prefer", "require", "verify-ca", "verify-full"].contains(&mode) {
+                return Err(pool.error(
+                    "ssl_mode",
+                    format!("`ssl_mode` must be disable, prefer, require, verify-ca or verify-full, found `{mode}`"),
+                ));
+            }
+        }
+        Ok(PgSettings {
+            host,
+            port,
+            user: pool.str_or("username", "root").to_string(),
+            password: pool.str("password").filter(|p| !p.is_empty()).map(str::to_string),
+            database: pool.str_or("database", "mqtt").to_string(),
+            pool_size: pool.num("pool_size", 8usize)?.max(1),
+            prepare: pool.flag("prepare", true)?,
+            auto_create_schema: pool.flag("auto_create_schema", false)?,
+            connect_timeout: Duration::from_millis(pool.num("connect_timeout", 5000u64)?),
+            tls,
+        })
+    }
+}
+
+pub struct PgBackend {
+    label: String,
+    pool: Pool,
+    prepare: bool,
+}
+
+fn classify(e: &tokio_postgres::Error) -> BackendError {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // Connection, resources, operator intervention, serialization/deadlock: retry.
+            let transient = ["08", "53", "57", "40", "58"].iter().any(|c| code.starts_with(c));
+            BackendError {
+                transient,
+                message: format!("{} ({code})", db.message()),
+            }
+        }
+        None => BackendError::transient(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> BackendError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => classify(&e),
+        other => BackendError::transient(format!("postgres pool: {other}")),
+    }
+}
+
+impl PgBackend {
+    pub async fn connect(pool: &PoolConf) -> Result<Self, ConfError> {
+        let s = PgSettings::parse(pool)?;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&s.host)
+            .port(s.port)
+            .user(&s.user)
+            .dbname(&s.database)
+            .connect_timeout(s.connect_timeout)
+            .application_name("mqtt-persist");
+        if let Some(p) = &s.password {
+            cfg.password(p);
+        }
+        let mgr_cfg = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = match &s.tls {
+            Some(files) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let tls = files.postgres_connector(&s.host).map_err(|e| pool.error("ssl", e))?;
+                Manager::from_config(cfg, tls, mgr_cfg)
+            }
+            None => Manager::from_config(cfg, tokio_postgres::NoTls, mgr_cfg),
+        };
+        let built = Pool::builder(mgr)
+            .max_size(s.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(s.connect_timeout))
+            .build()
+            .map_err(|e| pool.error("server", format!("cannot build the postgres pool: {e}")))?;
+        let backend = PgBackend {
+            label: pool.label(),
+            pool: built,
+            prepare: s.prepare,
+        };
+        if s.auto_create_schema {
+            let c = backend
+                .pool
+                .get()
+                .await
+                .map_err(|e| pool.error("server", format!("cannot connect to {s:?}: {}", pool_err(e))))?;
+            c.batch_execute(SCHEMA)
+                .await
+                .map_err(|e| pool.error("auto_create_schema", format!("creating the schema failed: {}", classify(&e))))?;
+        }
+        Ok(backend)
+    }
+
+    async fn client(&self) -> BResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn exec(
+        &self,
+        c: &deadpool_postgres::Object,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        if self.prepare {
+            let st = c.prepare_typed_cached(sql, types).await?;
+            c.execute(&st, params).await
+        } else {
+            let p: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().copied().zip(types.iter().cloned()).collect();
+            c.query_typed(sql, &p).await.map(|r| r.len() as u64)
+        }
+    }
+
+    async fn query(
+        &self,
+        c: &deadpool_postgres::Object,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        if self.prepare {
+            let st = c.prepare_typed_cached(sql, types).await?;
+            c.query(&st, params).await
+        } else {
+            let p: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().copied().zip(types.iter().cloned()).collect();
+            c.query_typed(sql, &p).await
+        }
+    }
+
+    /// Newest-first rows of `table` matching `filter`, narrowed by index, matched exactly here,
+    /// read as a stream so a small `limit` stops early.
+    async fn scan(
+        &self,
+        c: &deadpool_postgres::Object,
+        table: &str,
+        filter: &str,
+        min_msgid: i64,
+        since: i64,
+        limit: Option<u32>,
+    ) -> BResult<Vec<StoredMessage>> {
+        let retain_col = if table == "mqtt_retain" { "true" } else { "retain" };
+        let cols = format!("msgid, sender, topic, qos, {retain_col}, payload, arrived");
+        let (cond, pattern) = if !topic::has_wildcards(filter) {
+            ("topic = $1".to_string(), filter.to_string())
+        } else {
+            let prefix = topic::literal_prefix(filter);
+            let escaped: String = prefix
+                .chars()
+                .flat_map(|c| if matches!(c, '\\' | '%' | '_') { vec!['\\', c] } else { vec![c] })
+                .collect();
+            ("topic LIKE $1".to_string(), format!("{escaped}%"))
+        };
+        let sql = format!("SELECT {cols} FROM {table} WHERE {cond} AND msgid > $2 AND arrived >= $3 ORDER BY msgid DESC");
+        let params: [&(dyn ToSql + Sync); 3] = [&pattern, &min_msgid, &since];
+        let types = [Type::TEXT, Type::INT8, Type::INT8];
+        let stream = if self.prepare {
+            let st = c.prepare_typed_cached(&sql, &types).await.map_err(|e| classify(&e))?;
+            c.query_raw(&st, params.iter().copied()).await.map_err(|e| classify(&e))?
+        } else {
+            c.query_typed_raw(&sql, params.iter().copied().zip(types.iter().cloned()))
+                .await
+                .map_err(|e| classify(&e))?
+        };
+        pin_mut!(stream);
+        let mut out = Vec::new();
+        while let Some(row) = stream.next().await {
+            let m = row_msg(&row.map_err(|e| classify(&e))?);
+            if topic::matches(&m.topic, filter) {
+                out.push(m);
+                if limit.is_some_and(|l| out.len() >= l as usize) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn store_many(&self, c: &deadpool_postgres::Object, table: &str, msgs: &[&Arc<Message>]) -> Result<u64, tokio_postgres::Error> {
+        let ids: Vec<i64> = msgs.iter().map(|m| m.msgid as i64).collect();
+        let senders: Vec<&str> = msgs.iter().map(|m| &*m.sender).collect();
+        let topics: Vec<&str> = msgs.iter().map(|m| &*m.topic).collect();
+        let qos: Vec<i16> = msgs.iter().map(|m| i16::from(m.qos)).collect();
+        let retain: Vec<bool> = msgs.iter().map(|m| m.retain).collect();
+        let payloads: Vec<&[u8]> = msgs.iter().map(|m| &m.payload[..]).collect();
+        let arrived: Vec<i64> = msgs.iter().map(|m| m.timestamp).collect();
+        let p: [&(dyn ToSql + Sync); 7] = [&ids, &senders, &topics, &qos, &retain, &payloads, &arrived];
+        let types = [
+            Type::INT8_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::INT2_ARRAY,
+            Type::BOOL_ARRAY,
+            Type::BYTEA_ARRAY,
+            Type::INT8_ARRAY,
+        ];
+        let sql = match table {
+            "mqtt_msg" => {
+                "INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived)
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[])
+                 ON CONFLICT (msgid) DO NOTHING"
+            }
+            _ => {
+                "INSERT INTO mqtt_latest (msgid, sender, topic, qos, retain, payload, arrived)
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[])
+                 ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
+                   retain = EXCLUDED.retain, payload = EXCLUDED.payload, arrived = EXCLUDED.arrived
+                 WHERE EXCLUDED.msgid > mqtt_latest.msgid"
+            }
+        };
+        self.exec(c, sql, &types, &p).await
+    }
+
+    async fn retain_many(&self, c: &deadpool_postgres::Object, msgs: &[&Arc<Message>]) -> Result<u64, tokio_postgres::Error> {
+        let ids: Vec<i64> = msgs.iter().map(|m| m.msgid as i64).collect();
+        let senders: Vec<&str> = msgs.iter().map(|m| &*m.sender).collect();
+        let topics: Vec<&str> = msgs.iter().map(|m| &*m.topic).collect();
+        let qos: Vec<i16> = msgs.iter().map(|m| i16::from(m.qos)).collect();
+        let payloads: Vec<&[u8]> = msgs.iter().map(|m| &m.payload[..]).collect();
+        let arrived: Vec<i64> = msgs.iter().map(|m| m.timestamp).collect();
+        let p: [&(dyn ToSql + Sync); 6] = [&topics, &ids, &senders, &qos, &payloads, &arrived];
+        let types = [
+            Type::TEXT_ARRAY,
+            Type::INT8_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::INT2_ARRAY,
+            Type::BYTEA_ARRAY,
+            Type::INT8_ARRAY,
+        ];
+        self.exec(
+            c,
+            "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived)
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int2[], $5::bytea[], $6::int8[])
+             ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
+               payload = EXCLUDED.payload, arrived = EXCLUDED.arrived
+             WHERE EXCLUDED.msgid >= mqtt_retain.msgid",
+            &types,
+            &p,
+        )
+        .await
+    }
+
+    async fn advance_many(&self, c: &deadpool_postgres::Object, ops: &[&WriteOp]) -> Result<u64, tokio_postgres::Error> {
+        // One row per (client, filter): an UPDATE may not hit a row twice.
+        let mut max: HashMap<(&str, &str), i64> = HashMap::new();
+        for op in ops {
+            if let WriteOp::AdvancePointer { clientid, filters, msgid } = op {
+                for f in filters.iter() {
+                    let e = max.entry((clientid, f)).or_insert(0);
+                    *e = (*e).max(*msgid as i64);
+                }
+            }
+        }
+        let (mut cs, mut ts, mut ms) = (Vec::new(), Vec::new(), Vec::new());
+        for ((c, t), m) in max {
+            cs.push(c);
+            ts.push(t);
+            ms.push(m);
+        }
+        let p: [&(dyn ToSql + Sync); 3] = [&cs, &ts, &ms];
+        self.exec(
+            c,
+            "UPDATE mqtt_acked a SET mid = GREATEST(a.mid, v.mid)
+             FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS v(clientid, topic, mid)
+             WHERE a.clientid = v.clientid AND a.topic = v.topic",
+            &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY],
+            &p,
+        )
+        .await
+    }
+
+    async fn single(&self, c: &deadpool_postgres::Object, op: &WriteOp) -> Result<(), tokio_postgres::Error> {
+        use Type as T;
+        match op {
+            WriteOp::ClientConnected {
+                clientid,
+                node,
+                connected_at,
+            } => {
+                self.exec(
+                    c,
+                    "INSERT INTO mqtt_client (clientid, state, node, online_at, offline_at) VALUES ($1, 1, $2, $3, NULL)
+                     ON CONFLICT (clientid) DO UPDATE SET state = 1, node = EXCLUDED.node, online_at = EXCLUDED.online_at, offline_at = NULL
+                     WHERE EXCLUDED.online_at >= coalesce(mqtt_client.online_at, 0)",
+                    &[T::TEXT, T::TEXT, T::INT8],
+                    &[&&**clientid, &&**node, connected_at],
+                )
+                .await?;
+            }
+            WriteOp::ClientDisconnected {
+                clientid,
+                connected_at,
+                disconnected_at,
+            } => {
+                self.exec(
+                    c,
+                    "UPDATE mqtt_client SET state = 0, offline_at = $1 WHERE clientid = $2 AND online_at = $3",
+                    &[T::INT8, T::TEXT, T::INT8],
+                    &[disconnected_at, &&**clientid, connected_at],
+                )
+                .await?;
+            }
+            WriteOp::RetainDelete { topic } => {
+                self.exec(c, "DELETE FROM mqtt_retain WHERE topic = $1", &[T::TEXT], &[&&**topic])
+                    .await?;
+            }
+            WriteOp::DeletePointer { clientid, filter } => {
+                self.exec(
+                    c,
+                    "DELETE FROM mqtt_acked WHERE clientid = $1 AND topic = $2",
+                    &[T::TEXT, T::TEXT],
+                    &[&&**clientid, &&**filter],
+                )
+                .await?;
+            }
+            WriteOp::DeleteMessage { msgid, .. } => {
+                self.exec(c, "DELETE FROM mqtt_msg WHERE msgid = $1", &[T::INT8], &[&(*msgid as i64)])
+                    .await?;
+            }
+            WriteOp::DeleteLatest { topic, msgid } => {
+                self.exec(
+                    c,
+                    "DELETE FROM mqtt_latest WHERE topic = $1 AND msgid = $2",
+                    &[T::TEXT, T::INT8],
+                    &[&&**topic, &(*msgid as i64)],
+                )
+                .await?;
+            }
+            WriteOp::Statements { stmts, params } => {
+                for (st, ps) in stmts.iter().zip(params) {
+                    // Autocommit per statement: a failing one is logged and the next runs.
+                    if let Err(e) = self.custom(c, st, ps).await {
+                        let be = classify(&e);
+                        if be.transient {
+                            return Err(e);
+                        }
+                        tracing::warn!(pool = %self.label, statement = %st.text, error = %be, "custom statement failed");
+                    }
+                }
+            }
+            WriteOp::StoreMessage { msg, .. } => {
+                self.store_many(c, "mqtt_msg", &[msg]).await?;
+            }
+            WriteOp::StoreLatest { msg, .. } => {
+                self.store_many(c, "mqtt_latest", &[msg]).await?;
+            }
+            WriteOp::RetainUpsert { msg } => {
+                self.retain_many(c, &[msg]).await?;
+            }
+            WriteOp::AdvancePointer { .. } => {
+                self.advance_many(c, &[op]).await?;
+            }
+            WriteOp::Commands { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A user statement: values converted to the parameter types the server reports.
+    async fn custom(&self, c: &deadpool_postgres::Object, st: &Statement, ps: &[Value]) -> Result<u64, tokio_postgres::Error> {
+        let binds: Vec<Bind<'_>> = ps.iter().map(Bind).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = binds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
+        if self.prepare {
+            let prepared = c.prepare_cached(&st.text).await?;
+            c.execute(&prepared, &refs).await
+        } else {
+            let types: Vec<Type> = ps.iter().map(Bind::natural_type).collect();
+            self.exec(c, &st.text, &types, &refs).await
+        }
+    }
+}
+
+fn row_msg(r: &Row) -> StoredMessage {
+    StoredMessage {
+        msgid: r.get::<_, i64>(0) as u64,
+        sender: r.get(1),
+        topic: r.get(2),
+        qos: r.get::<_, i16>(3).clamp(0, 2) as u8,
+        retain: r.get(4),
+        payload: r.get::<_, Option<Vec<u8>>>(5).unwrap_or_default().into(),
+        arrived: r.get(6),
+    }
+}
+
+/// Binds a template value to whatever type the server reports for its parameter.
+#[derive(Debug)]
+struct Bind<'a>(&'a Value);
+
+impl Bind<'_> {
+    fn natural_type(v: &Value) -> Type {
+        match v {
+            Value::Int(_) => Type::INT8,
+            Value::Bytes(_) => Type::BYTEA,
+            Value::Bool(_) => Type::BOOL,
+            Value::Str(_) | Value::Null => Type::TEXT,
+        }
+    }
+
+    fn text(&self) -> Result<std::borrow::Cow<'_, str>, Box<dyn StdError + Sync + Send>> {
+        Ok(match self.0 {
+            Value::Str(s) => std::borrow::Cow::Borrowed(&**s),
+            Value::Int(i) => i.to_string().into(),
+            Value::Bool(b) => b.to_string().into(),
+            Value::Bytes(b) => std::str::from_utf8(b)
+                .map_err(|_| "payload is not valid UTF-8 and the parameter is text (use a bytea column)")?
+                .into(),
+            Value::Null => "".into(),
+        })
+    }
+}
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        if matches!(self.0, Value::Null) {
+            return Ok(IsNull::Yes);
+        }
+        let int = || -> Result<i64, Box<dyn StdError + Sync + Send>> {
+            match self.0 {
+                Value::Int(i) => Ok(*i),
+                Value::Bool(b) => Ok(i64::from(*b)),
+                _ => Ok(self
+                    .text()?
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("cannot convert {:?} to {ty}", self.0))?),
+            }
+        };
+        match *ty {
+            Type::BYTEA => match self.0 {
+                Value::Bytes(b) => (&b[..]).to_sql(ty, out),
+                _ => self.text()?.as_bytes().to_sql(ty, out),
+            },
+            Type::INT2 => i16::try_from(int()?)?.to_sql(ty, out),
+            Type::INT4 => i32::try_from(int()?)?.to_sql(ty, out),
+            Type::INT8 => int()?.to_sql(ty, out),
+            Type::FLOAT8 => (int()? as f64).to_sql(ty, out),
+            Type::BOOL => match self.0 {
+                Value::Bool(b) => b.to_sql(ty, out),
+                _ => (int()? != 0).to_sql(ty, out),
+            },
+            Type::TIMESTAMPTZ | Type::TIMESTAMP => (std::time::UNIX_EPOCH + Duration::from_millis(int()?.max(0) as u64)).to_sql(ty, out),
+            Type::JSON => {
+                out.extend_from_slice(self.text()?.as_bytes());
+                Ok(IsNull::No)
+            }
+            Type::JSONB => {
+                out.extend_from_slice(&[1]);
+                out.extend_from_slice(self.text()?.as_bytes());
+                Ok(IsNull::No)
+            }
+            _ => {
+                // text, varchar, bpchar, name, unknown, and anything with a text input form.
+                out.extend_from_slice(self.text()?.as_bytes());
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl Backend for PgBackend {
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let mut i = 0;
+            while i < ops.len() {
+                let kind = std::mem::discriminant(&ops[i]);
+                let mut j = i + 1;
+                while j < ops.len() && std::mem::discriminant(&ops[j]) == kind {
+                    j += 1;
+                }
+                let run = &ops[i..j];
+                let r = match &ops[i] {
+                    WriteOp::StoreMessage { .. } | WriteOp::StoreLatest { .. } => {
+                        let table = if matches!(ops[i], WriteOp::StoreMessage { .. }) {
+                            "mqtt_msg"
+                        } else {
+                            "mqtt_latest"
+                        };
+                        let mut msgs: Vec<&Arc<Message>> = run
+                            .iter()
+                            .filter_map(|o| match o {
+                                WriteOp::StoreMessage { msg, .. } | WriteOp::StoreLatest { msg, .. } => Some(msg),
+                                _ => None,
+                            })
+                            .collect();
+                        if table == "mqtt_latest" {
+                            dedupe_newest(&mut msgs);
+                        }
+                        self.store_many(&c, table, &msgs).await.map(|_| ())
+                    }
+                    WriteOp::RetainUpsert { .. } => {
+                        let mut msgs: Vec<&Arc<Message>> = run
+                            .iter()
+                            .filter_map(|o| match o {
+                                WriteOp::RetainUpsert { msg } => Some(msg),
+                                _ => None,
+                            })
+                            .collect();
+                        dedupe_newest(&mut msgs);
+                        self.retain_many(&c, &msgs).await.map(|_| ())
+                    }
+                    WriteOp::AdvancePointer { .. } => {
+                        let refs: Vec<&WriteOp> = run.iter().collect();
+                        self.advance_many(&c, &refs).await.map(|_| ())
+                    }
+                    _ => {
+                        let mut r = Ok(());
+                        for op in run {
+                            r = self.single(&c, op).await;
+                            if r.is_err() {
+                                break;
+                            }
+                        }
+                        r
+                    }
+                };
+                r.map_err(|e| classify(&e))?;
+                i = j;
+            }
+            Ok(())
+        })
+    }
+
+    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
+            let max = req.opts.max_returned_count;
+            let filter = &*req.filter;
+            let msgs = match req.kind {
+                FetchKind::Pointer => {
+                    let rows = self
+                        .query(
+                            &c,
+                            "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2",
+                            &[Type::TEXT, Type::TEXT],
+                            &[&&*req.clientid, &filter],
+                        )
+                        .await
+                        .map_err(|e| classify(&e))?;
+                    match rows.first().map(|r| r.get::<_, i64>(0)) {
+                        Some(p) => self.scan(&c, "mqtt_msg", filter, p, since, max).await?,
+                        None => {
+                            // First subscription: start the pointer at the newest stored message.
+                            let newest = self.scan(&c, "mqtt_msg", filter, i64::MIN, i64::MIN, Some(1)).await?;
+                            let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
+                            self.exec(
+                                &c,
+                                "INSERT INTO mqtt_acked (clientid, topic, mid) VALUES ($1, $2, $3) ON CONFLICT (clientid, topic) DO NOTHING",
+                                &[Type::TEXT, Type::TEXT, Type::INT8],
+                                &[&&*req.clientid, &filter, &mid],
+                            )
+                            .await
+                            .map_err(|e| classify(&e))?;
+                            if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
+                                self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?
+                            } else {
+                                Vec::new()
+                            }
+                        }
+                    }
+                }
+                FetchKind::Queue => self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?,
+                FetchKind::KeepLatest => self.scan(&c, "mqtt_latest", filter, i64::MIN, since, max).await?,
+            };
+            let mut msgs = keep_newest(msgs, max);
+            msgs.reverse();
+            Ok(msgs)
+        })
+    }
+
+    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let mut v = self.scan(&c, "mqtt_retain", filter, i64::MIN, i64::MIN, None).await?;
+            v.reverse();
+            Ok(v)
+        })
+    }
+
+    fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let rows = self
+                .query(
+                    &c,
+                    "SELECT topic, qos::int8 FROM mqtt_sub WHERE clientid = $1 ORDER BY id",
+                    &[Type::TEXT],
+                    &[&clientid],
+                )
+                .await
+                .map_err(|e| classify(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).clamp(0, 2) as u8))
+                .collect())
+        })
+    }
+
+    fn delete_expired(&self, before_ms: i64) -> BoxFuture<'_, BResult<u64>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let mut total = 0;
+            loop {
+                let n = self
+                    .exec(
+                        &c,
+                        "DELETE FROM mqtt_msg WHERE id IN (SELECT id FROM mqtt_msg WHERE arrived < $1 LIMIT 5000)",
+                        &[Type::INT8],
+                        &[&before_ms],
+                    )
+                    .await
+                    .map_err(|e| classify(&e))?;
+                total += n;
+                if n < 5000 {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, BResult<()>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            c.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| classify(&e))
+        })
+    }
+}
+
+/// Keep only the newest message per topic (an upsert batch may not touch a row twice).
+fn dedupe_newest(msgs: &mut Vec<&Arc<Message>>) {
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for m in msgs.iter() {
+        let e = newest.entry(&m.topic).or_insert(0);
+        *e = (*e).max(m.msgid);
+    }
+    msgs.retain(|m| newest.get(&*m.topic) == Some(&m.msgid));
+}
