@@ -162,3 +162,62 @@ fn schema_print_shows_the_tables() {
         assert!(s.contains(&format!("CREATE TABLE IF NOT EXISTS {t}")), "{t}");
     }
 }
+
+/// An EMQX 4.x emqx_backend_pgsql.conf as its docs ship it, including the 3.x-era keys.
+const EMQX4_PGSQL: &str = r##"
+## PostgreSQL server
+backend.pgsql.pool1.server = 127.0.0.1:5432
+backend.pgsql.pool1.pool_size = 8
+backend.pgsql.pool1.username = root
+backend.pgsql.pool1.password = public
+backend.pgsql.pool1.database = mqtt
+backend.pgsql.pool1.ssl = false
+
+## Max number of fetch offline messages. Without count limit if infinity
+backend.pgsql.max_returned_count = 500
+## Time Range. Without time limit if infinity
+backend.pgsql.time_range = 2h
+
+backend.pgsql.hook.client.connected.1    = {"action": {"function": "on_client_connected"}, "pool": "pool1"}
+backend.pgsql.hook.session.created.1     = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}
+backend.pgsql.hook.client.disconnected.1 = {"action": {"function": "on_client_disconnected"}, "pool": "pool1"}
+backend.pgsql.hook.session.subscribed.1  = {"topic": "#", "action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"max_returned_count": 500, "time_range": "2h"}}
+backend.pgsql.hook.session.subscribed.2  = {"topic": "#", "action": {"function": "on_retain_lookup"}, "pool": "pool1"}
+backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["delete from mqtt_acked where clientid = ${clientid} and topic = ${topic}"]}, "pool": "pool1"}
+backend.pgsql.hook.message.publish.1     = {"topic": "#", "action": {"function": "on_message_publish"}, "pool": "pool1"}
+backend.pgsql.hook.message.publish.2     = {"topic": "#", "action": {"function": "on_message_retain"}, "pool": "pool1"}
+backend.pgsql.hook.message.publish.3     = {"topic": "#", "action": {"function": "on_retain_delete"}, "pool": "pool1"}
+backend.pgsql.hook.message.acked.1       = {"topic": "#", "action": {"function": "on_message_acked"}, "pool": "pool1"}
+backend.pgsql.hook.message.deliver.1     = {"topic": "#", "action": {"function": "on_message_delivered"}, "pool": "pool1"}
+"##;
+
+#[test]
+fn an_emqx4_pgsql_file_loads_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = write_etc(dir.path(), "pgsql", EMQX4_PGSQL, "");
+    let (ok, out) = check(&etc);
+    assert!(ok, "{out}");
+    assert!(out.contains("11 rule(s)"), "{out}");
+    assert!(!out.contains("public"), "the password must never be printed: {out}");
+}
+
+#[test]
+fn the_shipped_pgsql_file_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/plugins/emqx_backend_pgsql.conf")).unwrap();
+    let etc = write_etc(dir.path(), "pgsql", &shipped, "");
+    let (ok, out) = check(&etc);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn check_connect_reports_an_unreachable_pool_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = "backend.pgsql.pool1.server = 127.0.0.1:1\nbackend.pgsql.pool1.password = s3cr3t-pw\nbackend.pgsql.pool1.connect_timeout = 1000\n";
+    let etc = write_etc(dir.path(), "pgsql", conf, "");
+    let out = Command::new(bin()).args(["check", "--connect", "--etc"]).arg(&etc).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("pgsql:pool1") && text.contains("error"), "{text}");
+    assert!(!text.contains("s3cr3t-pw"), "password leaked: {text}");
+}
