@@ -204,7 +204,8 @@ fn an_emqx4_pgsql_file_loads_unchanged() {
 #[test]
 fn the_shipped_pgsql_file_is_valid() {
     let dir = tempfile::tempdir().unwrap();
-    let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/plugins/emqx_backend_pgsql.conf")).unwrap();
+    let shipped =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/plugins/emqx_backend_pgsql.conf")).unwrap();
     let etc = write_etc(dir.path(), "pgsql", &shipped, "");
     let (ok, out) = check(&etc);
     assert!(ok, "{out}");
@@ -213,9 +214,14 @@ fn the_shipped_pgsql_file_is_valid() {
 #[test]
 fn check_connect_reports_an_unreachable_pool_without_its_password() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = "backend.pgsql.pool1.server = 127.0.0.1:1\nbackend.pgsql.pool1.password = s3cr3t-pw\nbackend.pgsql.pool1.connect_timeout = 1000\n";
+    let conf =
+        "backend.pgsql.pool1.server = 127.0.0.1:1\nbackend.pgsql.pool1.password = s3cr3t-pw\nbackend.pgsql.pool1.connect_timeout = 1000\n";
     let etc = write_etc(dir.path(), "pgsql", conf, "");
-    let out = Command::new(bin()).args(["check", "--connect", "--etc"]).arg(&etc).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "--connect", "--etc"])
+        .arg(&etc)
+        .output()
+        .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("pgsql:pool1") && text.contains("error"), "{text}");

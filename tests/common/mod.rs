@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kits;
+pub mod servers;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,126 @@
+//! Throwaway database servers for fault tests: each test starts its own instance on a free
+//! port with its own data dir, and kills only that instance — never the machine's services.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16, up: bool, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() == up {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("port {port} did not become {}", if up { "reachable" } else { "closed" });
+}
+
+/// Runs a command as the `postgres` user when we are root (PostgreSQL refuses root).
+fn pg_cmd(bin: &str) -> Command {
+    let dir = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL server binaries (apt install postgresql)");
+    let mut versions: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    versions.sort();
+    let path = versions.last().expect("a PostgreSQL version").join("bin").join(bin);
+    if unsafe_is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false)
+}
+
+pub struct PgServer {
+    pub port: u16,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let tmp = tempfile::Builder::new().prefix("mp-pg").tempdir_in("/tmp").unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir_all(&dir).unwrap();
+        if unsafe_is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(tmp.path())
+                .status()
+                .unwrap();
+        }
+        let st = pg_cmd("initdb")
+            .args(["-A", "trust", "-U", "root", "-E", "UTF8", "-D"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "initdb failed");
+        let port = free_port();
+        let s = PgServer { port, dir, _tmp: tmp };
+        s.resume();
+        s
+    }
+
+    /// Start (again) on the same data dir and port.
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        let st = pg_cmd("pg_ctl")
+            .args(["-D"])
+            .arg(&self.dir)
+            .args(["-o", &opts, "-l"])
+            .arg(&log)
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "pg_ctl start failed");
+        wait_port(self.port, true, Duration::from_secs(20));
+    }
+
+    /// kill -9 the postmaster (and so the server).
+    pub fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("postmaster.pid")).unwrap();
+        let pid = pid.lines().next().unwrap().trim().to_string();
+        Command::new("kill").args(["-9", &pid]).status().unwrap();
+        wait_port(self.port, false, Duration::from_secs(10));
+        // Orphaned backends exit once they notice; remove the stale pid file for a clean restart.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = std::fs::remove_file(self.dir.join("postmaster.pid"));
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://root@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = pg_cmd("pg_ctl")
+            .args(["-D"])
+            .arg(&self.dir)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
