@@ -60,7 +60,13 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
         .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
     let listener = broker::bind(&conf.broker.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let engine = Engine::new(conf.broker.clone(), Arc::new(dispatcher), registry);
+    let dispatcher = Arc::new(dispatcher);
+    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry);
+    let weak = Arc::downgrade(&engine);
+    let sink: crate::backends::ControlSink = Arc::new(move |clientid, cmd| weak.upgrade().is_some_and(|e| e.control(clientid, cmd)));
+    for p in &dispatcher.pools {
+        p.backend.start_control(sink.clone());
+    }
     let accept = tokio::spawn(broker::accept_loop(listener, engine.clone()));
     Ok(Broker { addr, engine, accept })
 }

@@ -19,6 +19,8 @@ pub fn schema(db: config::Db) -> Option<&'static str> {
         config::Db::Sqlite => Some(backends::sqlite::SCHEMA),
         #[cfg(feature = "pgsql")]
         config::Db::Pgsql => Some(backends::pgsql::SCHEMA),
+        #[cfg(feature = "redis")]
+        config::Db::Redis => Some(include_str!("../schema/redis.txt")),
         _ => None,
     }
 }

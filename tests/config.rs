@@ -227,3 +227,56 @@ fn check_connect_reports_an_unreachable_pool_without_its_password() {
     assert!(text.contains("pgsql:pool1") && text.contains("error"), "{text}");
     assert!(!text.contains("s3cr3t-pw"), "password leaked: {text}");
 }
+
+/// EMQX 4.x's shipped emqx_backend_redis.conf rule set.
+const EMQX4_REDIS: &str = r##"
+backend.redis.pool1.type = single
+backend.redis.pool1.server = 127.0.0.1:6379
+backend.redis.pool1.pool_size = 8
+backend.redis.pool1.database = 0
+backend.redis.pool1.channel = mqtt_channel
+backend.redis.hook.client.connected.1 = {"action": {"function": "on_client_connected"}, "pool": "pool1"}
+backend.redis.hook.session.created.1 = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}
+backend.redis.hook.client.disconnected.1 = {"action": {"function": "on_client_disconnected"}, "pool": "pool1"}
+backend.redis.hook.session.subscribed.1 = {"topic": "queue/#", "action": {"function": "on_message_fetch_for_queue"}, "pool": "pool1"}
+backend.redis.hook.session.subscribed.2 = {"topic": "pubsub/#", "action": {"function": "on_message_fetch_for_pubsub"}, "pool": "pool1"}
+backend.redis.hook.session.subscribed.3 = {"action": {"function": "on_retain_lookup"}, "pool": "pool1"}
+backend.redis.hook.session.unsubscribed.1= {"topic": "#", "action": {"commands": ["DEL mqtt:acked:${clientid}:${topic}"]}, "pool": "pool1"}
+backend.redis.hook.message.publish.1 = {"topic": "#", "action": {"function": "on_message_publish"}, "expired_time" : 3600, "pool": "pool1"}
+backend.redis.hook.message.publish.2 = {"topic": "#", "action": {"function": "on_message_retain"}, "expired_time" : 3600, "pool": "pool1"}
+backend.redis.hook.message.publish.3 = {"topic": "#", "action": {"function": "on_retain_delete"}, "pool": "pool1"}
+backend.redis.hook.message.acked.1 = {"topic": "queue/#", "action": {"function": "on_message_acked_for_queue"}, "pool": "pool1"}
+backend.redis.hook.message.acked.2 = {"topic": "pubsub/#", "action": {"function": "on_message_acked_for_pubsub"}, "pool": "pool1"}
+"##;
+
+#[test]
+fn an_emqx4_redis_file_loads_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = write_etc(dir.path(), "redis", EMQX4_REDIS, "");
+    let (ok, out) = check(&etc);
+    assert!(ok, "{out}");
+    assert!(out.contains("12 rule(s)"), "{out}");
+}
+
+#[test]
+fn the_shipped_redis_file_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/plugins/emqx_backend_redis.conf")).unwrap();
+    let etc = write_etc(dir.path(), "redis", &shipped, "");
+    let (ok, out) = check(&etc);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_redis_command_with_an_unknown_placeholder_names_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = "backend.redis.pool1.server = 127.0.0.1:6379\nbackend.redis.hook.message.publish.1 = {\"action\": {\"commands\": [\"RPUSH q:${topc} ${payload}\"]}, \"pool\": \"pool1\"}\n";
+    let etc = write_etc(dir.path(), "redis", conf, "");
+    let (ok, out) = check(&etc);
+    assert!(!ok);
+    assert!(
+        out.contains("emqx_backend_redis.conf:2:") && out.contains("unknown placeholder `${topc}`"),
+        "{out}"
+    );
+}

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::servers::PgServer;
+use common::servers::{PgServer, RedisServer};
 use common::*;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 use std::time::{Duration, Instant};
@@ -85,4 +85,93 @@ async fn a_postgres_kill_loses_no_acknowledged_message_and_drops_no_client() {
 
 async fn pg_connect(cfg: &tokio_postgres::Config) -> tokio_postgres::Client {
     common::kits::pg_connect(cfg).await
+}
+
+fn redis_conf(port: u16) -> String {
+    format!(
+        "backend.redis.pool1.server = 127.0.0.1:{port}\n\
+         backend.redis.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n"
+    )
+}
+
+/// Publishes QoS1 at ~100 msg/s for `secs`, running `at` callbacks at given seconds; returns
+/// (sent, acked) once every PUBACK arrived, failing if the client was ever disconnected.
+async fn steady_publisher(port: u16, topic: &str, secs: u64, mut at: Vec<(u64, Box<dyn FnMut() + Send>)>) -> (u64, u64) {
+    let mut o = MqttOptions::new(unique("steady"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_inflight(1000);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 2000);
+    let (acks_tx, mut acks_rx) = tokio::sync::watch::channel(0u64);
+    let driver = tokio::spawn(async move {
+        let mut acks = 0u64;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acks += 1;
+                    let _ = acks_tx.send(acks);
+                }
+                Ok(_) => {}
+                Err(e) => return Err::<(), String>(format!("client connection failed after {acks} acks: {e}")),
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        at.retain_mut(|(t, f)| {
+            if start.elapsed() >= Duration::from_secs(*t) {
+                f();
+                false
+            } else {
+                true
+            }
+        });
+        client
+            .publish(format!("{topic}/{}", sent % 7), QoS::AtLeastOnce, false, format!("m{sent}"))
+            .await
+            .unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!driver.is_finished(), "the publisher was disconnected");
+    let acked = tokio::time::timeout(Duration::from_secs(30), acks_rx.wait_for(|a| *a >= sent))
+        .await
+        .expect("all PUBACKs within 30 s of recovery")
+        .map(|a| *a)
+        .unwrap();
+    assert!(!driver.is_finished(), "the publisher was disconnected");
+    (sent, acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_keeps_clients_connected_and_writes_resume() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis fault test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let redis = std::sync::Arc::new(std::sync::Mutex::new(RedisServer::start()));
+    let port = redis.lock().unwrap().port;
+    let broker = BrokerProc::start("redis", &redis_conf(port));
+    let topic = unique("rfault/");
+    let (r1, r2) = (redis.clone(), redis.clone());
+    let events: Vec<(u64, Box<dyn FnMut() + Send>)> = vec![
+        (2, Box::new(move || r1.lock().unwrap().kill())),
+        (8, Box::new(move || r2.lock().unwrap().resume())),
+    ];
+    let (sent, acked) = steady_publisher(broker.port(), &topic, 12, events).await;
+    assert_eq!(sent, acked);
+    let url = redis.lock().unwrap().url();
+    let mut conn = common::kits::redis_connect(&url).await;
+    let mut stored = 0i64;
+    for i in 0..7 {
+        let n: i64 = redis::cmd("ZCARD")
+            .arg(format!("mqtt:msg:{topic}/{i}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        stored += n;
+    }
+    assert_eq!(stored as u64, acked, "every acknowledged message is in Redis");
+    let log = broker.log();
+    assert_eq!(log.matches("database write failed").count(), 1, "one error per outage:\n{log}");
 }

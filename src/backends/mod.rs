@@ -15,6 +15,8 @@ use std::time::Duration;
 #[cfg(feature = "pgsql")]
 pub mod pgsql;
 pub mod queue;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "tls")]
@@ -32,6 +34,7 @@ pub enum WriteOp {
     /// Applies only if the stored `online_at` equals `connected_at` (takeover guard).
     ClientDisconnected {
         clientid: Arc<str>,
+        node: Arc<str>,
         connected_at: i64,
         disconnected_at: i64,
     },
@@ -151,7 +154,12 @@ pub trait Backend: Send + Sync + 'static {
     fn delete_expired(&self, before_ms: i64) -> BoxFuture<'_, BResult<u64>>;
     /// Round-trip to the server.
     fn ping(&self) -> BoxFuture<'_, BResult<()>>;
+    /// Start listening for server-side commands (Redis control channel), once the broker runs.
+    fn start_control(&self, _sink: ControlSink) {}
 }
+
+/// Where control commands go: `(clientid, command)`, true if that client is connected here.
+pub type ControlSink = Arc<dyn Fn(&str, crate::broker::Control) -> bool + Send + Sync>;
 
 /// Build a backend for a pool. `data_dir` anchors relative SQLite paths.
 pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<dyn Backend>, crate::config::ConfError> {
@@ -161,6 +169,8 @@ pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<
         Db::Sqlite => Ok(Arc::new(sqlite::SqliteBackend::open(pool, data_dir)?)),
         #[cfg(feature = "pgsql")]
         Db::Pgsql => Ok(Arc::new(pgsql::PgBackend::connect(pool).await?)),
+        #[cfg(feature = "redis")]
+        Db::Redis => Ok(Arc::new(redis::RedisBackend::connect(pool).await?)),
         other => {
             let _ = data_dir;
             Err(pool.error(
@@ -179,6 +189,8 @@ pub fn validate(pool: &PoolConf) -> Result<(), crate::config::ConfError> {
         Db::Sqlite => sqlite::SqliteSettings::parse(pool, std::path::Path::new(".")).map(|_| ()),
         #[cfg(feature = "pgsql")]
         Db::Pgsql => pgsql::PgSettings::parse(pool).map(|_| ()),
+        #[cfg(feature = "redis")]
+        Db::Redis => redis::RedisSettings::parse(pool).map(|_| ()),
         other => Err(pool.error("", format!("backend `{other}` is not built into this binary yet"))),
     }
 }

@@ -358,6 +358,7 @@ impl PgBackend {
                 clientid,
                 connected_at,
                 disconnected_at,
+                ..
             } => {
                 self.exec(
                     c,

@@ -144,6 +144,7 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
                         }
                     });
                     o.failures += 1;
+                    tracing::debug!(pool = backend.label(), error = %e.message, failures = o.failures, "retrying a batch");
                     for j in &jobs {
                         RuleMetrics::inc(&j.rule.retried);
                     }

@@ -135,6 +135,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
             clientid,
             connected_at,
             disconnected_at,
+            ..
         } => {
             tx.prepare_cached("UPDATE mqtt_client SET state = 0, offline_at = ?1 WHERE clientid = ?2 AND online_at = ?3")?
                 .execute(params![disconnected_at, &**clientid, connected_at])?;

@@ -254,6 +254,7 @@ impl Dispatcher {
                     },
                 ) => WriteOp::ClientDisconnected {
                     clientid: client.clientid.clone(),
+                    node: self.node.clone(),
                     connected_at: client.connected_at,
                     disconnected_at: *disconnected_at,
                 },

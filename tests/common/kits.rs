@@ -45,6 +45,9 @@ pub trait Kit: Sized {
         s.push_str(&r("message.publish", 3, "#", "on_retain_delete"));
         s.push_str(&r("message.acked", 1, "#", "on_message_acked"));
         s.push_str(&r("message.acked", 2, "queue/#", "on_message_acked_for_queue"));
+        s.push_str(&r("session.subscribed", 4, "latest/#", "on_message_fetch_for_keep_latest"));
+        s.push_str(&r("message.publish", 4, "latest/#", "on_message_store_keep_latest"));
+        s.push_str(&r("message.acked", 3, "latest/#", "on_message_acked_for_keep_latest"));
         s.push_str(&format!(
             "backend.{db}.hook.message.publish.9 = {{\"topic\": \"custom/#\", \"action\": {}, \"pool\": \"pool1\"}}\n",
             self.custom_action()
@@ -228,5 +231,85 @@ impl Kit for PgKit {
             )
             .await
             .unwrap();
+    }
+}
+
+/// Redis: the server of `REDIS_URL`; tests stay apart by unique client ids and topics.
+pub struct RedisKit {
+    conn: redis::aio::MultiplexedConnection,
+    conf: String,
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+pub async fn redis_connect(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("REDIS_URL");
+    client
+        .get_multiplexed_tokio_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis at {url} is unreachable ({e}); start it or set MQTT_PERSIST_SKIP=redis"))
+}
+
+impl RedisKit {
+    pub async fn cmd<T: redis::FromRedisValue>(&self, c: &mut redis::Cmd) -> T {
+        c.query_async(&mut self.conn.clone()).await.unwrap()
+    }
+}
+
+impl Kit for RedisKit {
+    const DB: &'static str = "redis";
+
+    async fn new() -> Self {
+        let url = redis_url();
+        let conn = redis_connect(&url).await;
+        let info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+        let (host, port) = match info.addr {
+            redis::ConnectionAddr::Tcp(h, p) => (h, p),
+            _ => ("127.0.0.1".into(), 6379),
+        };
+        let mut conf = format!(
+            "backend.redis.pool1.type = single\nbackend.redis.pool1.server = {host}:{port}\nbackend.redis.pool1.database = {}\n",
+            info.redis.db
+        );
+        if let Some(p) = info.redis.password {
+            conf.push_str(&format!("backend.redis.pool1.password = {p}\n"));
+        }
+        RedisKit { conn, conf }
+    }
+
+    fn pool_conf(&self) -> String {
+        self.conf.clone()
+    }
+
+    fn custom_action(&self) -> String {
+        r#"{"commands": ["RPUSH t:${clientid} ${payload}"]}"#.to_string()
+    }
+
+    async fn client_state(&self, clientid: &str) -> Option<i64> {
+        let s: Option<String> = self
+            .cmd(redis::cmd("HGET").arg(format!("mqtt:client:{clientid}")).arg("state"))
+            .await;
+        s.and_then(|s| s.parse().ok())
+    }
+
+    async fn stored_count(&self, topic: &str) -> i64 {
+        self.cmd(redis::cmd("ZCARD").arg(format!("mqtt:msg:{topic}"))).await
+    }
+
+    async fn retained(&self, topic: &str) -> Option<Vec<u8>> {
+        self.cmd(redis::cmd("HGET").arg(format!("mqtt:retain:{topic}")).arg("payload"))
+            .await
+    }
+
+    async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
+        self.cmd(redis::cmd("LRANGE").arg(format!("t:{clientid}")).arg(0).arg(-1)).await
+    }
+
+    async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64) {
+        let _: () = self
+            .cmd(redis::cmd("HSET").arg(format!("mqtt:sub:{clientid}")).arg(topic).arg(qos))
+            .await;
     }
 }

@@ -36,9 +36,11 @@ macro_rules! conformance {
             scenario!(qos0_is_not_stored_by_on_message_publish);
             scenario!(subscribe_lookup_subscribes_the_client_from_storage);
             scenario!(queue_messages_are_deleted_by_the_first_ack);
+            scenario!(keep_latest_delivers_only_the_newest_message_per_topic);
         }
     };
 }
 
 conformance!(sqlite, crate::common::kits::SqliteKit);
 conformance!(pgsql, crate::common::kits::PgKit);
+conformance!(redis, crate::common::kits::RedisKit);

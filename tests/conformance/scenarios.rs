@@ -286,3 +286,27 @@ pub async fn queue_messages_are_deleted_by_the_first_ack<K: Kit>() {
     w2.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
     w2.expect_none(Duration::from_millis(800)).await;
 }
+
+pub async fn keep_latest_delivers_only_the_newest_message_per_topic<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("latest/");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for i in 0..3 {
+        p.publish(&format!("{base}/a"), QoS::AtLeastOnce, false, format!("a{i}")).await;
+    }
+    p.publish(&format!("{base}/b"), QoS::AtLeastOnce, false, "b0").await;
+    let t = format!("{base}/b");
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = connect(broker.addr, &unique("s"), true).await;
+    s.subscribe(&format!("{base}/+"), QoS::AtLeastOnce).await;
+    let mut got: Vec<Vec<u8>> = s.expect(2, WAIT).await.iter().map(|m| m.payload.to_vec()).collect();
+    got.sort();
+    assert_eq!(got, vec![b"a2".to_vec(), b"b0".to_vec()]);
+    // The first ack deletes the latest message: the next subscriber gets none.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut s2 = connect(broker.addr, &unique("s"), true).await;
+    s2.subscribe(&format!("{base}/+"), QoS::AtLeastOnce).await;
+    s2.expect_none(Duration::from_millis(800)).await;
+}

@@ -1,0 +1,780 @@
+//! Redis with EMQX's key layout (SPEC §4). A batch of writes is one pipeline (one round trip);
+//! checks that must be atomic (the connect/disconnect guard, the monotonic ack pointer) are
+//! small Lua scripts. Message ids are stored zero-padded to 20 digits with score 0, so sorted
+//! sets order them exactly by lexicographic range — never through a float score.
+//!
+//! Wildcard fetch and retain lookups use topic indexes (`mqtt:topics:msg|retain|latest`,
+//! sorted sets of topic names): a filter's literal prefix selects the candidate topics with
+//! one range query, so a subscribe costs O(matching topics), not O(all keys).
+
+use super::{keep_newest, BResult, Backend, BackendError, ControlSink, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use crate::broker::Control;
+use crate::config::{ConfError, PoolConf};
+use crate::hooks::Message;
+use crate::topic;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ConnectionAddr, ConnectionInfo, Pipeline, ProtocolVersion, RedisConnectionInfo, RedisError, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::RwLock;
+
+const TOPICS_MSG: &str = "mqtt:topics:msg";
+const TOPICS_RETAIN: &str = "mqtt:topics:retain";
+const TOPICS_LATEST: &str = "mqtt:topics:latest";
+
+const CONNECT_LUA: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'online_at')
+if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'state', 1, 'online_at', ARGV[1], 'offline_at', '', 'node', ARGV[2])
+return 1";
+const DISCONNECT_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'online_at') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 0, 'offline_at', ARGV[2])
+return 1";
+/// Deletes a hash field only if it still holds the given value.
+const HDEL_IF_LUA: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0";
+/// Moves an existing pointer forward only (padded ids compare as strings).
+const ADVANCE_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur >= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1";
+const DEL_IF_ID_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+fn pad(id: u64) -> String {
+    format!("{id:020}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Single,
+    Sentinel,
+    Cluster,
+}
+
+#[derive(Clone)]
+pub struct RedisSettings {
+    pub kind: Kind,
+    pub servers: Vec<(String, u16)>,
+    pub sentinel: String,
+    pub database: i64,
+    pub password: Option<String>,
+    pub channel: String,
+    pub tls: Option<super::tls::TlsFiles>,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "redis {:?} {:?} db {}", self.kind, self.servers, self.database)
+    }
+}
+
+impl RedisSettings {
+    pub fn parse(pool: &PoolConf) -> Result<Self, ConfError> {
+        let kind = match pool.str_or("type", "single") {
+            "single" => Kind::Single,
+            "sentinel" => Kind::Sentinel,
+            "cluster" => Kind::Cluster,
+            other => return Err(pool.error("type", format!("`type` must be single, sentinel or cluster, found `{other}`"))),
+        };
+        let mut servers = Vec::new();
+        for s in pool
+            .str_or("server", "127.0.0.1:6379")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let (h, p) = match s.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse().map_err(|_| pool.error("server", format!("bad port in `{s}`")))?),
+                None => (s, if kind == Kind::Sentinel { 26379 } else { 6379 }),
+            };
+            servers.push((h.to_string(), p));
+        }
+        if servers.is_empty() {
+            return Err(pool.error("server", "`server` needs at least one host[:port]"));
+        }
+        let sentinel = pool.str_or("sentinel", "").to_string();
+        let kind = if kind == Kind::Single && !sentinel.is_empty() {
+            Kind::Sentinel
+        } else {
+            kind
+        };
+        if kind == Kind::Sentinel && sentinel.is_empty() {
+            return Err(pool.error("sentinel", "`type = sentinel` needs `sentinel` (the master name)"));
+        }
+        let tls = if pool.flag("ssl", false)? {
+            Some(super::tls::TlsFiles::parse(pool, "cafile")?)
+        } else {
+            None
+        };
+        Ok(RedisSettings {
+            kind,
+            servers,
+            sentinel,
+            database: pool.num("database", 0i64)?,
+            password: pool.str("password").filter(|p| !p.is_empty()).map(str::to_string),
+            channel: pool.str_or("channel", "mqtt_channel").to_string(),
+            tls,
+        })
+    }
+
+    fn info(&self, host: &str, port: u16) -> ConnectionInfo {
+        let addr = match &self.tls {
+            Some(_) => ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: false,
+                tls_params: None,
+            },
+            None => ConnectionAddr::Tcp(host.to_string(), port),
+        };
+        ConnectionInfo {
+            addr,
+            redis: RedisConnectionInfo {
+                db: self.database,
+                username: None,
+                password: self.password.clone(),
+                protocol: ProtocolVersion::RESP2,
+            },
+        }
+    }
+
+    fn client(&self, info: ConnectionInfo) -> Result<redis::Client, RedisError> {
+        match &self.tls {
+            None => redis::Client::open(info),
+            Some(files) => {
+                let read = |p: &Option<std::path::PathBuf>| p.as_ref().map(std::fs::read).transpose();
+                let (ca, cert, key) = (read(&files.ca)?, read(&files.cert)?, read(&files.key)?);
+                let client_tls = cert
+                    .zip(key)
+                    .map(|(client_cert, client_key)| redis::ClientTlsConfig { client_cert, client_key });
+                redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert: ca })
+            }
+        }
+    }
+}
+
+enum Conn {
+    Single(Box<ConnectionManager>),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisBackend {
+    label: String,
+    settings: RedisSettings,
+    conn: RwLock<Conn>,
+}
+
+fn classify(e: RedisError) -> BackendError {
+    use redis::ErrorKind::*;
+    let transient = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(e.kind(), TryAgain | ClusterDown | BusyLoadingError | MasterDown | ReadOnly);
+    BackendError {
+        transient,
+        message: e.to_string(),
+    }
+}
+
+/// redis 0.27 feeds `factor` to backon as a multiplier on a 1 s base delay: the default (100)
+/// makes the second reconnect attempt wait 100 s. Keep it short and capped; the write queue
+/// does the long-term retrying.
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(5))
+        .set_response_timeout(Duration::from_secs(10))
+        .set_factor(2)
+        .set_max_delay(1000)
+        .set_number_of_retries(2)
+}
+
+async fn open(s: &RedisSettings) -> Result<Conn, RedisError> {
+    match s.kind {
+        Kind::Single => {
+            let (h, p) = &s.servers[0];
+            Ok(Conn::Single(Box::new(
+                ConnectionManager::new_with_config(s.client(s.info(h, *p))?, manager_config()).await?,
+            )))
+        }
+        Kind::Sentinel => {
+            let urls: Vec<ConnectionInfo> = s
+                .servers
+                .iter()
+                .map(|(h, p)| ConnectionInfo {
+                    addr: ConnectionAddr::Tcp(h.clone(), *p),
+                    redis: RedisConnectionInfo::default(),
+                })
+                .collect();
+            let mut sentinel = redis::sentinel::Sentinel::build(urls)?;
+            let node = redis::sentinel::SentinelNodeConnectionInfo {
+                tls_mode: None,
+                redis_connection_info: Some(s.info("", 0).redis),
+            };
+            let client = sentinel.async_master_for(&s.sentinel, Some(&node)).await?;
+            Ok(Conn::Single(Box::new(
+                ConnectionManager::new_with_config(client, manager_config()).await?,
+            )))
+        }
+        Kind::Cluster => {
+            let nodes: Vec<ConnectionInfo> = s.servers.iter().map(|(h, p)| s.info(h, *p)).collect();
+            let mut b = redis::cluster::ClusterClientBuilder::new(nodes);
+            if let Some(p) = &s.password {
+                b = b.password(p.clone());
+            }
+            Ok(Conn::Cluster(b.build()?.get_async_connection().await?))
+        }
+    }
+}
+
+impl RedisBackend {
+    pub async fn connect(pool: &PoolConf) -> Result<Self, ConfError> {
+        let settings = RedisSettings::parse(pool)?;
+        let conn = open(&settings)
+            .await
+            .map_err(|e| pool.error("server", format!("cannot connect to {settings:?}: {e}")))?;
+        Ok(RedisBackend {
+            label: pool.label(),
+            settings,
+            conn: RwLock::new(conn),
+        })
+    }
+
+    async fn run_pipe<T: redis::FromRedisValue>(&self, p: &Pipeline) -> BResult<T> {
+        let r = {
+            let c = self.conn.read().await;
+            match &*c {
+                Conn::Single(m) => p.query_async(&mut (**m).clone()).await,
+                Conn::Cluster(m) => p.query_async(&mut m.clone()).await,
+            }
+        };
+        self.after(r).await
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> BResult<T> {
+        let r = {
+            let c = self.conn.read().await;
+            match &*c {
+                Conn::Single(m) => cmd.query_async(&mut (**m).clone()).await,
+                Conn::Cluster(m) => cmd.query_async(&mut m.clone()).await,
+            }
+        };
+        self.after(r).await
+    }
+
+    /// Sentinel pools look the master up again after a connection error (failover).
+    async fn after<T>(&self, r: Result<T, RedisError>) -> BResult<T> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let e = classify(e);
+                if e.transient && self.settings.kind == Kind::Sentinel {
+                    if let Ok(c) = open(&self.settings).await {
+                        *self.conn.write().await = c;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn add_op(p: &mut Pipeline, op: &WriteOp) {
+        match op {
+            WriteOp::ClientConnected {
+                clientid,
+                node,
+                connected_at,
+            } => {
+                p.cmd("EVAL")
+                    .arg(CONNECT_LUA)
+                    .arg(1)
+                    .arg(format!("mqtt:client:{clientid}"))
+                    .arg(connected_at)
+                    .arg(&**node)
+                    .ignore();
+                p.cmd("HSET")
+                    .arg(format!("mqtt:node:{node}"))
+                    .arg(&**clientid)
+                    .arg(connected_at)
+                    .ignore();
+            }
+            WriteOp::ClientDisconnected {
+                clientid,
+                node,
+                connected_at,
+                disconnected_at,
+            } => {
+                p.cmd("EVAL")
+                    .arg(DISCONNECT_LUA)
+                    .arg(1)
+                    .arg(format!("mqtt:client:{clientid}"))
+                    .arg(connected_at)
+                    .arg(disconnected_at)
+                    .ignore();
+                p.cmd("EVAL")
+                    .arg(HDEL_IF_LUA)
+                    .arg(1)
+                    .arg(format!("mqtt:node:{node}"))
+                    .arg(&**clientid)
+                    .arg(connected_at)
+                    .ignore();
+            }
+            WriteOp::StoreMessage { msg, ttl } => {
+                let key = format!("mqtt:msg:{}", msg.msgid);
+                hset_message(p, &key, msg);
+                p.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();
+                let zkey = format!("mqtt:msg:{}", msg.topic);
+                p.cmd("ZADD").arg(&zkey).arg(0).arg(pad(msg.msgid)).ignore();
+                p.cmd("EXPIRE").arg(&zkey).arg(ttl.as_secs()).ignore();
+                p.cmd("ZADD").arg(TOPICS_MSG).arg(0).arg(&*msg.topic).ignore();
+            }
+            WriteOp::StoreLatest { msg, ttl } => {
+                let key = format!("mqtt:latest_msg:{}", msg.topic);
+                hset_message(p, &key, msg);
+                p.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();
+                p.cmd("ZADD").arg(TOPICS_LATEST).arg(0).arg(&*msg.topic).ignore();
+            }
+            WriteOp::RetainUpsert { msg } => {
+                let key = format!("mqtt:retain:{}", msg.topic);
+                p.cmd("DEL").arg(&key).ignore();
+                hset_message(p, &key, msg);
+                p.cmd("ZADD").arg(TOPICS_RETAIN).arg(0).arg(&*msg.topic).ignore();
+            }
+            WriteOp::RetainDelete { topic } => {
+                p.cmd("DEL").arg(format!("mqtt:retain:{topic}")).ignore();
+                p.cmd("ZREM").arg(TOPICS_RETAIN).arg(&**topic).ignore();
+            }
+            WriteOp::AdvancePointer { clientid, filters, msgid } => {
+                for f in filters.iter() {
+                    p.cmd("EVAL")
+                        .arg(ADVANCE_LUA)
+                        .arg(1)
+                        .arg(format!("mqtt:acked:{clientid}:{f}"))
+                        .arg(pad(*msgid))
+                        .ignore();
+                }
+            }
+            WriteOp::DeletePointer { clientid, filter } => {
+                p.cmd("DEL").arg(format!("mqtt:acked:{clientid}:{filter}")).ignore();
+            }
+            WriteOp::DeleteMessage { msgid, topic } => {
+                p.cmd("DEL").arg(format!("mqtt:msg:{msgid}")).ignore();
+                p.cmd("ZREM").arg(format!("mqtt:msg:{topic}")).arg(pad(*msgid)).ignore();
+            }
+            WriteOp::DeleteLatest { topic, msgid } => {
+                p.cmd("EVAL")
+                    .arg(DEL_IF_ID_LUA)
+                    .arg(1)
+                    .arg(format!("mqtt:latest_msg:{topic}"))
+                    .arg(msgid.to_string())
+                    .ignore();
+            }
+            WriteOp::Commands { args, .. } => {
+                for a in args {
+                    let mut c = redis::cmd(&String::from_utf8_lossy(&a[0]));
+                    for x in &a[1..] {
+                        c.arg(&x[..]);
+                    }
+                    p.add_command(c).ignore();
+                }
+            }
+            WriteOp::Statements { .. } => {}
+        }
+    }
+
+    /// Topics in `index` that match `filter`, found by one range query on the literal prefix.
+    async fn matching_topics(&self, index: &str, filter: &str) -> BResult<Vec<String>> {
+        if !topic::has_wildcards(filter) {
+            return Ok(vec![filter.to_string()]);
+        }
+        let (lo, hi) = match topic::prefix_range(filter) {
+            Some((lo, hi)) => (format!("[{lo}"), format!("({hi}")),
+            None => ("-".to_string(), "+".to_string()),
+        };
+        let all: Vec<String> = self.run(redis::cmd("ZRANGEBYLEX").arg(index).arg(lo).arg(hi)).await?;
+        Ok(all.into_iter().filter(|t| topic::matches(t, filter)).collect())
+    }
+
+    /// Reads message hashes; ids whose hash expired are removed from their topic set lazily.
+    async fn load(&self, keyed: Vec<(String, String, String)>) -> BResult<Vec<StoredMessage>> {
+        if keyed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for (key, _, _) in &keyed {
+            p.cmd("HGETALL").arg(key);
+        }
+        let maps: Vec<HashMap<String, Vec<u8>>> = self.run_pipe(&p).await?;
+        let mut out = Vec::new();
+        let mut stale = redis::pipe();
+        let mut any_stale = false;
+        for ((_, zkey, member), m) in keyed.into_iter().zip(maps) {
+            match parse_message(&m) {
+                Some(msg) => out.push(msg),
+                None if !zkey.is_empty() => {
+                    stale.cmd("ZREM").arg(zkey).arg(member).ignore();
+                    any_stale = true;
+                }
+                None => {}
+            }
+        }
+        if any_stale {
+            let _ = self.run_pipe::<()>(&stale).await;
+        }
+        Ok(out)
+    }
+
+    async fn messages_after(&self, filter: &str, after: u64) -> BResult<Vec<StoredMessage>> {
+        let topics = self.matching_topics(TOPICS_MSG, filter).await?;
+        if topics.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for t in &topics {
+            p.cmd("ZRANGEBYLEX")
+                .arg(format!("mqtt:msg:{t}"))
+                .arg(format!("({}", pad(after)))
+                .arg("+");
+        }
+        let ids: Vec<Vec<String>> = self.run_pipe(&p).await?;
+        let mut keyed = Vec::new();
+        let mut empty = Vec::new();
+        for (t, ids) in topics.iter().zip(ids) {
+            if ids.is_empty() && after == 0 {
+                empty.push(t.clone());
+            }
+            for id in ids {
+                let n: u64 = id.parse().unwrap_or(0);
+                keyed.push((format!("mqtt:msg:{n}"), format!("mqtt:msg:{t}"), id));
+            }
+        }
+        if !empty.is_empty() {
+            // Topics whose every message expired leave the index.
+            let mut p = redis::pipe();
+            for t in empty {
+                p.cmd("ZREM").arg(TOPICS_MSG).arg(t).ignore();
+            }
+            let _ = self.run_pipe::<()>(&p).await;
+        }
+        let mut msgs = self.load(keyed).await?;
+        msgs.sort_by_key(|m| m.msgid);
+        Ok(msgs)
+    }
+
+    async fn newest_id(&self, filter: &str) -> BResult<u64> {
+        let topics = self.matching_topics(TOPICS_MSG, filter).await?;
+        if topics.is_empty() {
+            return Ok(0);
+        }
+        let mut p = redis::pipe();
+        for t in &topics {
+            p.cmd("ZREVRANGEBYLEX")
+                .arg(format!("mqtt:msg:{t}"))
+                .arg("+")
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1);
+        }
+        let ids: Vec<Vec<String>> = self.run_pipe(&p).await?;
+        Ok(ids.into_iter().flatten().filter_map(|s| s.parse().ok()).max().unwrap_or(0))
+    }
+}
+
+fn hset_message(p: &mut Pipeline, key: &str, m: &Message) {
+    p.cmd("HSET")
+        .arg(key)
+        .arg("id")
+        .arg(m.msgid)
+        .arg("from")
+        .arg(&*m.sender)
+        .arg("qos")
+        .arg(m.qos)
+        .arg("topic")
+        .arg(&*m.topic)
+        .arg("payload")
+        .arg(&m.payload[..])
+        .arg("ts")
+        .arg(m.timestamp)
+        .arg("retain")
+        .arg(if m.retain { "true" } else { "false" })
+        .ignore();
+}
+
+fn parse_message(m: &HashMap<String, Vec<u8>>) -> Option<StoredMessage> {
+    let s = |k: &str| m.get(k).and_then(|v| std::str::from_utf8(v).ok());
+    Some(StoredMessage {
+        msgid: s("id")?.parse().ok()?,
+        sender: s("from").unwrap_or("").to_string(),
+        topic: s("topic")?.to_string(),
+        payload: m.get("payload").cloned().unwrap_or_default().into(),
+        qos: s("qos").and_then(|q| q.parse::<u8>().ok()).unwrap_or(0).min(2),
+        retain: s("retain") == Some("true"),
+        arrived: s("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
+    })
+}
+
+impl Backend for RedisBackend {
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
+        Box::pin(async move {
+            let mut p = redis::pipe();
+            let mut custom_alone = Vec::new();
+            for op in ops {
+                match op {
+                    // Non-pipelined custom command lists run one by one: a failing command is
+                    // logged and the next still runs (EMQX semantics).
+                    WriteOp::Commands { pipeline: false, args, .. } if args.len() > 1 => custom_alone.push(op),
+                    _ => Self::add_op(&mut p, op),
+                }
+            }
+            if p.cmd_iter().next().is_some() {
+                self.run_pipe::<()>(&p).await?;
+            }
+            for op in custom_alone {
+                if let WriteOp::Commands { args, .. } = op {
+                    for a in args {
+                        let mut c = redis::cmd(&String::from_utf8_lossy(&a[0]));
+                        for x in &a[1..] {
+                            c.arg(&x[..]);
+                        }
+                        if let Err(e) = self.run::<Value>(&c).await {
+                            if e.transient {
+                                return Err(e);
+                            }
+                            tracing::warn!(pool = %self.label, error = %e, "custom command failed");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        Box::pin(async move {
+            let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
+            let filter = &*req.filter;
+            let msgs = match req.kind {
+                FetchKind::Pointer => {
+                    let key = format!("mqtt:acked:{}:{}", req.clientid, filter);
+                    let ptr: Option<String> = self.run(redis::cmd("GET").arg(&key)).await?;
+                    match ptr.and_then(|p| p.parse::<u64>().ok()) {
+                        Some(p) => self.messages_after(filter, p).await?,
+                        None => {
+                            let newest = self.newest_id(filter).await?;
+                            let _: Value = self.run(redis::cmd("SET").arg(&key).arg(pad(newest)).arg("NX")).await?;
+                            if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
+                                self.messages_after(filter, 0).await?
+                            } else {
+                                Vec::new()
+                            }
+                        }
+                    }
+                }
+                FetchKind::Queue => self.messages_after(filter, 0).await?,
+                FetchKind::KeepLatest => {
+                    let topics = self.matching_topics(TOPICS_LATEST, filter).await?;
+                    let keyed = topics
+                        .into_iter()
+                        .map(|t| (format!("mqtt:latest_msg:{t}"), String::new(), String::new()))
+                        .collect();
+                    let mut v = self.load(keyed).await?;
+                    v.sort_by_key(|m| m.msgid);
+                    v
+                }
+            };
+            let msgs: Vec<StoredMessage> = msgs.into_iter().filter(|m| m.arrived >= since).collect();
+            Ok(keep_newest(msgs, req.opts.max_returned_count))
+        })
+    }
+
+    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        Box::pin(async move {
+            let topics = self.matching_topics(TOPICS_RETAIN, filter).await?;
+            let keyed = topics
+                .into_iter()
+                .map(|t| (format!("mqtt:retain:{t}"), String::new(), String::new()))
+                .collect();
+            let mut v = self.load(keyed).await?;
+            for m in &mut v {
+                m.retain = true;
+            }
+            Ok(v)
+        })
+    }
+
+    fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
+        Box::pin(async move {
+            let m: HashMap<String, String> = self.run(redis::cmd("HGETALL").arg(format!("mqtt:sub:{clientid}"))).await?;
+            let mut v: Vec<(String, u8)> = m
+                .into_iter()
+                .map(|(t, q)| (t, q.trim().parse::<i64>().unwrap_or(0).clamp(0, 2) as u8))
+                .collect();
+            v.sort();
+            Ok(v)
+        })
+    }
+
+    fn delete_expired(&self, before_ms: i64) -> BoxFuture<'_, BResult<u64>> {
+        Box::pin(async move {
+            // msgids start with their ms timestamp: everything below this id is older.
+            let bound = pad((before_ms.max(0) as u64) << 22);
+            let topics: Vec<String> = self.run(redis::cmd("ZRANGEBYLEX").arg(TOPICS_MSG).arg("-").arg("+")).await?;
+            let mut total = 0u64;
+            for t in topics {
+                let zkey = format!("mqtt:msg:{t}");
+                let old: Vec<String> = self
+                    .run(redis::cmd("ZRANGEBYLEX").arg(&zkey).arg("-").arg(format!("({bound}")))
+                    .await?;
+                if old.is_empty() {
+                    continue;
+                }
+                let mut p = redis::pipe();
+                for id in &old {
+                    p.cmd("DEL").arg(format!("mqtt:msg:{}", id.parse::<u64>().unwrap_or(0))).ignore();
+                }
+                p.cmd("ZREMRANGEBYLEX").arg(&zkey).arg("-").arg(format!("({bound}")).ignore();
+                self.run_pipe::<()>(&p).await?;
+                total += old.len() as u64;
+            }
+            Ok(total)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, BResult<()>> {
+        Box::pin(async move { self.run::<String>(&redis::cmd("PING")).await.map(|_| ()) })
+    }
+
+    fn start_control(&self, sink: ControlSink) {
+        if self.settings.kind == Kind::Cluster {
+            return;
+        }
+        let settings = self.settings.clone();
+        let label = self.label.clone();
+        tokio::spawn(control_loop(settings, label, sink));
+    }
+}
+
+/// The control channel: JSON commands published to `channel` act on connected clients.
+async fn control_loop(s: RedisSettings, label: String, sink: ControlSink) {
+    let mut logged = false;
+    loop {
+        let r: Result<(), RedisError> = async {
+            let (h, p) = match s.kind {
+                Kind::Sentinel => {
+                    let urls: Vec<ConnectionInfo> = s
+                        .servers
+                        .iter()
+                        .map(|(h, p)| ConnectionInfo {
+                            addr: ConnectionAddr::Tcp(h.clone(), *p),
+                            redis: RedisConnectionInfo::default(),
+                        })
+                        .collect();
+                    let mut sentinel = redis::sentinel::Sentinel::build(urls)?;
+                    let c = sentinel.async_master_for(&s.sentinel, None).await?;
+                    match &c.get_connection_info().addr {
+                        ConnectionAddr::Tcp(h, p) | ConnectionAddr::TcpTls { host: h, port: p, .. } => (h.clone(), *p),
+                        _ => s.servers[0].clone(),
+                    }
+                }
+                _ => s.servers[0].clone(),
+            };
+            let client = s.client(s.info(&h, p))?;
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(&s.channel).await?;
+            tracing::info!(pool = %label, channel = %s.channel, "listening on the control channel");
+            logged = false;
+            let mut stream = ps.on_message();
+            while let Some(msg) = stream.next().await {
+                let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
+                match parse_control(&payload) {
+                    Ok((clientid, cmd)) => {
+                        if !sink(&clientid, cmd) {
+                            tracing::debug!(pool = %label, %clientid, "control command for a client not connected here");
+                        }
+                    }
+                    Err(e) => tracing::warn!(pool = %label, error = %e, "ignoring a bad control message"),
+                }
+            }
+            Err(RedisError::from((redis::ErrorKind::IoError, "control channel closed")))
+        }
+        .await;
+        if let Err(e) = r {
+            if !logged {
+                tracing::warn!(pool = %label, error = %e, "control channel down; reconnecting");
+                logged = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `{"type":"subscribe","topic":"t","clientid":"c","qos":1}` (qos may be a string; missing = 0).
+pub fn parse_control(payload: &[u8]) -> Result<(String, Control), String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("missing string field `{k}`"))
+    };
+    let clientid = field("clientid")?;
+    let filter = field("topic")?;
+    let qos = match v.get("qos") {
+        None | Some(serde_json::Value::Null) => 0,
+        Some(serde_json::Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(serde_json::Value::String(s)) => s.trim().parse().map_err(|_| format!("bad qos `{s}`"))?,
+        Some(other) => return Err(format!("bad qos {other}")),
+    };
+    match field("type")?.as_str() {
+        "subscribe" => Ok((
+            clientid,
+            Control::Subscribe {
+                filter,
+                qos: qos.min(2) as u8,
+            },
+        )),
+        "unsubscribe" => Ok((clientid, Control::Unsubscribe { filter })),
+        other => Err(format!("unknown type `{other}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_parse_like_emqx() {
+        let (c, cmd) = parse_control(br#"{"type":"subscribe","topic":"a/b","clientid":"c1","qos":"1"}"#).unwrap();
+        assert_eq!(c, "c1");
+        assert!(matches!(cmd, Control::Subscribe { ref filter, qos: 1 } if filter == "a/b"));
+        assert!(matches!(
+            parse_control(br#"{"type":"subscribe","topic":"a","clientid":"c"}"#).unwrap().1,
+            Control::Subscribe { qos: 0, .. }
+        ));
+        assert!(matches!(
+            parse_control(br#"{"type":"unsubscribe","topic":"a","clientid":"c"}"#).unwrap().1,
+            Control::Unsubscribe { .. }
+        ));
+        assert!(parse_control(b"not json").is_err());
+        assert!(parse_control(br#"{"type":"explode","topic":"a","clientid":"c"}"#).is_err());
+    }
+
+    #[test]
+    fn padded_ids_sort_like_numbers() {
+        let (a, b) = (pad(9_007_199_254_740_993), pad(9_007_199_254_740_992));
+        assert!(a > b && a.len() == 20);
+    }
+}

@@ -1,0 +1,113 @@
+//! Redis specifics: the control channel, the key layout, binary-safe custom commands.
+
+mod common;
+
+use common::kits::{Kit, RedisKit};
+use common::*;
+use rumqttc::QoS;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_channel_subscribes_a_live_client() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let kit = RedisKit::new().await;
+    let channel = unique("chan");
+    let conf = format!("{}backend.redis.pool1.channel = {channel}\n", kit.plugin_conf());
+    let broker = BrokerProc::start("redis", &conf);
+    eventually("control channel up", WAIT, || async {
+        broker.log().contains("listening on the control channel").then_some(())
+    })
+    .await;
+    let id = unique("dev");
+    let topic = format!("{}/cmd", unique("ctl"));
+    let mut c = connect(broker.addr, &id, true).await;
+    // Bad JSON is logged and ignored; the good command subscribes the client.
+    let _: i64 = kit.cmd(redis::cmd("PUBLISH").arg(&channel).arg("{not json")).await;
+    let cmd = format!(r#"{{"type":"subscribe","topic":"{topic}","clientid":"{id}","qos":"1"}}"#);
+    let _: i64 = kit.cmd(redis::cmd("PUBLISH").arg(&channel).arg(cmd)).await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    // The subscribe is asynchronous: publish until the client gets one (bounded by WAIT).
+    let deadline = std::time::Instant::now() + WAIT;
+    let got = loop {
+        p.publish(&topic, QoS::AtLeastOnce, false, "go").await;
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), c.rx.recv()).await {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "the control subscribe never took effect");
+    };
+    assert_eq!(&got.payload[..], b"go");
+    assert!(broker.log().contains("ignoring a bad control message"), "{}", broker.log());
+    let unsub = format!(r#"{{"type":"unsubscribe","topic":"{topic}","clientid":"{id}"}}"#);
+    let _: i64 = kit.cmd(redis::cmd("PUBLISH").arg(&channel).arg(unsub)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while c.rx.try_recv().is_ok() {}
+    p.publish(&topic, QoS::AtLeastOnce, false, "stop").await;
+    c.expect_none(Duration::from_millis(800)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_messages_follow_the_emqx_key_layout_with_exact_ordering() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let kit = RedisKit::new().await;
+    let conf = kit.plugin_conf().replace(
+        r#""function": "on_message_publish"}, "pool""#,
+        r#""function": "on_message_publish"}, "expired_time": 600, "pool""#,
+    );
+    let broker = BrokerProc::start("redis", &conf);
+    let topic = format!("{}/t", unique("lay"));
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for i in 0..3 {
+        p.publish(&topic, QoS::AtLeastOnce, false, format!("v{i}")).await;
+    }
+    eventually("3 stored", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
+    let ids: Vec<String> = kit
+        .cmd(redis::cmd("ZRANGEBYLEX").arg(format!("mqtt:msg:{topic}")).arg("-").arg("+"))
+        .await;
+    assert!(ids.iter().all(|i| i.len() == 20), "zero-padded ids: {ids:?}");
+    let nums: Vec<u64> = ids.iter().map(|i| i.parse().unwrap()).collect();
+    assert!(
+        nums.windows(2).all(|w| w[0] < w[1]) && nums[0] > (1u64 << 53),
+        "ordered ids above 2^53: {nums:?}"
+    );
+    let key = format!("mqtt:msg:{}", nums[2]);
+    let fields: std::collections::HashMap<String, Vec<u8>> = kit.cmd(redis::cmd("HGETALL").arg(&key)).await;
+    assert_eq!(fields.get("payload").map(|v| &v[..]), Some(&b"v2"[..]));
+    assert_eq!(fields.get("topic").map(|v| &v[..]), Some(topic.as_bytes()));
+    assert_eq!(fields.get("retain").map(|v| &v[..]), Some(&b"false"[..]));
+    let ttl: i64 = kit.cmd(redis::cmd("TTL").arg(&key)).await;
+    assert!(ttl > 500 && ttl <= 600, "expired_time is the TTL: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_with_spaces_cannot_add_command_arguments() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let kit = RedisKit::new().await;
+    let hash = unique("h");
+    let conf = format!(
+        "{}backend.redis.hook.message.publish.10 = {{\"topic\": \"inj/#\", \"action\": {{\"commands\": [\"HSET {hash}:${{clientid}} f ${{payload}}\"]}}, \"pool\": \"pool1\"}}\n",
+        kit.pool_conf()
+    );
+    let broker = BrokerProc::start("redis", &conf);
+    let id = format!("{} extra1 x extra2 y", unique("a"));
+    let p = connect(broker.addr, &id, true).await;
+    p.publish("inj/x", QoS::AtLeastOnce, false, "v w\r\n*3\r\n").await;
+    let key = format!("{hash}:{id}");
+    let fields: std::collections::HashMap<String, Vec<u8>> = eventually("hash written", WAIT, || async {
+        let m: std::collections::HashMap<String, Vec<u8>> = kit.cmd(redis::cmd("HGETALL").arg(&key)).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(fields.len(), 1, "exactly one field: {fields:?}");
+    assert_eq!(fields["f"], b"v w\r\n*3\r\n".to_vec());
+}
