@@ -15,6 +15,9 @@ pub struct Broker {
     pub addr: SocketAddr,
     pub engine: Arc<Engine>,
     accept: tokio::task::JoinHandle<()>,
+    /// MQTT connections run here, apart from database work, so a busy writer never delays
+    /// a packet (and a router send that blocks never stalls a database task).
+    conn_rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Broker {
@@ -27,6 +30,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.accept.abort();
+        if let Some(rt) = self.conn_rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -39,7 +45,12 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Disp
             match crate::backends::connect(pool, &conf.broker.data_dir).await {
                 Ok(backend) => {
                     tracing::info!(pool = %pool.label(), "pool ready");
-                    let queue = WriteQueue::spawn(backend.clone(), conf.broker.queue_capacity, conf.broker.batch_size);
+                    let queue = WriteQueue::spawn(
+                        backend.clone(),
+                        conf.broker.queue_capacity,
+                        conf.broker.batch_size,
+                        conf.broker.batch_linger,
+                    );
                     pools.insert(pool.label(), Arc::new(Pool { backend, queue }));
                 }
                 Err(e) => errors.push(e),
@@ -60,6 +71,13 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
         .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
     let listener = broker::bind(&conf.broker.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let conn_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name("mqtt-conn")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the connection runtime: {e}"))?;
+    let listener = listener.into_std().map_err(|e| e.to_string())?;
     let dispatcher = Arc::new(dispatcher);
     let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry);
     let weak = Arc::downgrade(&engine);
@@ -67,6 +85,15 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
     for p in &dispatcher.pools {
         p.backend.start_control(sink.clone());
     }
-    let accept = tokio::spawn(broker::accept_loop(listener, engine.clone()));
-    Ok(Broker { addr, engine, accept })
+    let accept = {
+        let _guard = conn_rt.enter();
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        conn_rt.spawn(broker::accept_loop(listener, engine.clone()))
+    };
+    Ok(Broker {
+        addr,
+        engine,
+        accept,
+        conn_rt: Some(conn_rt),
+    })
 }

@@ -54,10 +54,10 @@ pub enum Enqueue {
 
 impl WriteQueue {
     /// Start the writer task for `backend`.
-    pub fn spawn(backend: Arc<dyn Backend>, capacity: usize, batch_size: usize) -> WriteQueue {
+    pub fn spawn(backend: Arc<dyn Backend>, capacity: usize, batch_size: usize, linger: Duration) -> WriteQueue {
         let (tx, rx) = mpsc::channel(capacity);
         let label: Arc<str> = backend.label().into();
-        tokio::spawn(writer(backend, rx, batch_size));
+        tokio::spawn(writer(backend, rx, batch_size, linger));
         WriteQueue { tx, label }
     }
 
@@ -111,11 +111,23 @@ fn rate_limited_warn(msg: &str) {
     }
 }
 
-async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_size: usize) {
+async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
     let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
     let mut outage: Option<Outage> = None;
     while rx.recv_many(&mut jobs, batch_size).await > 0 {
+        // Group commit under light load: give a small batch a moment to grow, so a steady
+        // trickle costs the database a few transactions per second instead of one per message.
+        if jobs.len() < batch_size / 8 && !linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + linger;
+            while jobs.len() < batch_size {
+                let room = batch_size - jobs.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut jobs, room)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
         ops.extend(jobs.iter().map(|j| j.op.clone()));
         let mut delay = Duration::from_millis(50);
         loop {

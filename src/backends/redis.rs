@@ -489,6 +489,41 @@ impl RedisBackend {
     }
 }
 
+/// Stores a run of messages with per-topic commands grouped (exactly the keys of
+/// `WriteOp::StoreMessage`, fewer round-trip commands).
+fn store_run(p: &mut Pipeline, ops: &[WriteOp]) {
+    let mut per_topic: Vec<(&str, u64, Vec<String>)> = Vec::new();
+    for op in ops {
+        let WriteOp::StoreMessage { msg, ttl } = op else { continue };
+        let key = format!("mqtt:msg:{}", msg.msgid);
+        hset_message(p, &key, msg);
+        p.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();
+        match per_topic.iter_mut().find(|(t, _, _)| *t == &*msg.topic) {
+            Some((_, t, ids)) => {
+                *t = (*t).max(ttl.as_secs());
+                ids.push(pad(msg.msgid));
+            }
+            None => per_topic.push((&msg.topic, ttl.as_secs(), vec![pad(msg.msgid)])),
+        }
+    }
+    for (topic, ttl, ids) in &per_topic {
+        let zkey = format!("mqtt:msg:{topic}");
+        let zadd = p.cmd("ZADD").arg(&zkey);
+        for id in ids {
+            zadd.arg(0).arg(id);
+        }
+        zadd.ignore();
+        p.cmd("EXPIRE").arg(&zkey).arg(*ttl).ignore();
+    }
+    if !per_topic.is_empty() {
+        let idx = p.cmd("ZADD").arg(TOPICS_MSG);
+        for (topic, _, _) in &per_topic {
+            idx.arg(0).arg(*topic);
+        }
+        idx.ignore();
+    }
+}
+
 fn hset_message(p: &mut Pipeline, key: &str, m: &Message) {
     p.cmd("HSET")
         .arg(key)
@@ -531,13 +566,26 @@ impl Backend for RedisBackend {
         Box::pin(async move {
             let mut p = redis::pipe();
             let mut custom_alone = Vec::new();
-            for op in ops {
-                match op {
+            let mut i = 0;
+            while i < ops.len() {
+                match &ops[i] {
+                    WriteOp::StoreMessage { .. } => {
+                        // A run of stores: one hash + TTL per message, then per topic one
+                        // multi-member ZADD, one EXPIRE and one index entry.
+                        let j = ops[i..]
+                            .iter()
+                            .position(|o| !matches!(o, WriteOp::StoreMessage { .. }))
+                            .map_or(ops.len(), |k| i + k);
+                        store_run(&mut p, &ops[i..j]);
+                        i = j;
+                        continue;
+                    }
                     // Non-pipelined custom command lists run one by one: a failing command is
                     // logged and the next still runs (EMQX semantics).
-                    WriteOp::Commands { pipeline: false, args, .. } if args.len() > 1 => custom_alone.push(op),
-                    _ => Self::add_op(&mut p, op),
+                    WriteOp::Commands { pipeline: false, args, .. } if args.len() > 1 => custom_alone.push(&ops[i]),
+                    op => Self::add_op(&mut p, op),
                 }
+                i += 1;
             }
             if p.cmd_iter().next().is_some() {
                 self.run_pipe::<()>(&p).await?;

@@ -366,7 +366,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                     Err(e) => tracing::warn!(error = %e, "subscribe lookup task failed"),
                 }
             }
-            Some(seq) = done_rx.recv() => s.committed(seq),
+            Some(seq) = done_rx.recv() => {
+                // A committed batch completes many tickets at once: answer them in one write.
+                s.committed(seq);
+                while let Ok(seq) = done_rx.try_recv() {
+                    s.committed(seq);
+                }
+            }
             Some(cmd) = ctl_rx.recv() => s.control(cmd),
             _ = &mut idle => {
                 s.reason = "keepalive_timeout";

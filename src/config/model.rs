@@ -298,6 +298,7 @@ pub struct BrokerConf {
     pub no_loss: NoLoss,
     pub queue_capacity: usize,
     pub batch_size: usize,
+    pub batch_linger: Duration,
     pub fetch_timeout: Duration,
     pub max_packet_size: usize,
 }
@@ -337,6 +338,7 @@ const BROKER_KEYS: &[&str] = &[
     "persist.no_loss",
     "persist.queue_capacity",
     "persist.batch_size",
+    "persist.batch_linger",
     "persist.fetch_timeout",
     "mqtt.max_packet_size",
 ];
@@ -436,6 +438,7 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
     let batch_size = num("persist.batch_size", 1000, 65_535).max(1) as usize;
     let max_packet_size = num("mqtt.max_packet_size", 1 << 20, 268_435_455) as usize;
     let fetch_timeout = Duration::from_millis(num("persist.fetch_timeout", 5000, 600_000));
+    let batch_linger = Duration::from_micros(num("persist.batch_linger", 0, 1_000_000));
     let mut plugins = Vec::new();
     let load = get("plugins.load", "sqlite");
     for name in load.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -484,6 +487,7 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
         no_loss,
         queue_capacity,
         batch_size,
+        batch_linger,
         fetch_timeout,
         max_packet_size,
     }
