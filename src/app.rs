@@ -57,11 +57,54 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Disp
             }
         }
     }
-    if errors.is_empty() {
-        Ok(Dispatcher::new(conf, &pools, registry))
-    } else {
-        Err(errors)
+    if !errors.is_empty() {
+        return Err(errors);
     }
+    for b in &conf.backends {
+        let Some(ttl) = b.message_ttl else { continue };
+        for pool in b.pools.values() {
+            if let Some(p) = pools.get(&pool.label()) {
+                spawn_ttl_cleanup(Arc::downgrade(p), ttl);
+            }
+        }
+    }
+    Ok(Dispatcher::new(conf, &pools, registry))
+}
+
+/// Deletes stored messages older than `ttl` in batches, off the hot path, until the pool is
+/// replaced or dropped.
+fn spawn_ttl_cleanup(pool: std::sync::Weak<Pool>, ttl: std::time::Duration) {
+    let every = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(p) = pool.upgrade() else { return };
+            let before = crate::hooks::now_ms() - ttl.as_millis() as i64;
+            match p.backend.delete_expired(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(pool = p.backend.label(), deleted = n, "expired stored messages removed"),
+                Err(e) => tracing::warn!(pool = p.backend.label(), error = %e, "message TTL cleanup failed"),
+            }
+        }
+    });
+}
+
+/// Re-reads the configuration and swaps the rule set in; a bad configuration is rejected with
+/// all its errors and the running one stays.
+pub async fn reload(engine: &Arc<Engine>, etc: &std::path::Path, overrides: &crate::config::Overrides) -> Result<usize, String> {
+    let conf = Config::load(etc, overrides).map_err(|e| e.to_string())?;
+    let dispatcher = build_dispatcher(&conf, &engine.metrics)
+        .await
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
+    let rules = conf.rules().count();
+    let dispatcher = Arc::new(dispatcher);
+    let weak = Arc::downgrade(engine);
+    let sink: crate::backends::ControlSink = Arc::new(move |clientid, cmd| weak.upgrade().is_some_and(|e| e.control(clientid, cmd)));
+    for p in &dispatcher.pools {
+        p.backend.start_control(sink.clone());
+    }
+    engine.set_dispatcher(dispatcher);
+    Ok(rules)
 }
 
 pub async fn start(conf: &Config) -> Result<Broker, String> {

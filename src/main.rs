@@ -42,6 +42,8 @@ enum Cmd {
         #[arg(long)]
         connect: bool,
     },
+    /// Make the running broker re-read etc/plugins (sends SIGHUP to the pid in data.dir)
+    Reload,
     /// Print database schemas
     Schema {
         #[command(subcommand)]
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Cmd::Check { connect }) => check(&cli.run.etc, connect),
+        Some(Cmd::Reload) => reload_running(&cli.run),
         Some(Cmd::Run(args)) => run(args),
         None => run(cli.run),
     }
@@ -153,7 +156,7 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::warn!("{w}");
     }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(serve(conf)) {
+    match rt.block_on(serve(conf, args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -162,17 +165,79 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn serve(conf: Config) -> anyhow::Result<()> {
+fn pid_file(conf: &Config) -> PathBuf {
+    conf.broker.data_dir.join("mqtt-persist.pid")
+}
+
+fn reload_running(args: &RunArgs) -> ExitCode {
+    let conf = match load(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let path = pid_file(&conf);
+    let Ok(pid) = std::fs::read_to_string(&path) else {
+        eprintln!("no running broker: {} not found", path.display());
+        return ExitCode::FAILURE;
+    };
+    match std::process::Command::new("kill").args(["-HUP", pid.trim()]).status() {
+        Ok(s) if s.success() => {
+            println!("reload requested (pid {}); the broker logs the result", pid.trim());
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("cannot signal pid {}", pid.trim());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(conf: Config, args: RunArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let broker = mqtt_persist::app::start(&conf).await.map_err(anyhow::Error::msg)?;
+    if let Some(addr) = &conf.broker.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr} (metrics.listen)"))?;
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(mqtt_persist::metrics::serve(l, broker.engine.metrics.clone()));
+    }
+    let pid = pid_file(&conf);
+    let _ = std::fs::create_dir_all(&conf.broker.data_dir);
+    let _ = std::fs::write(&pid, std::process::id().to_string());
     let plugins: Vec<&str> = conf.broker.plugins.iter().map(|d| d.name()).collect();
     tracing::info!(addr = %broker.addr, node = %conf.broker.node_name, plugins = %plugins.join(","), "mqtt-persist listening on {}", broker.addr);
-    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
-    tracing::info!("shutting down: draining write queues");
+    let overrides = Overrides {
+        listen: args.listen.clone(),
+        data_dir: args.data_dir.clone(),
+    };
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match mqtt_persist::app::reload(&broker.engine, &args.etc, &overrides).await {
+                Ok(rules) => tracing::info!(rules, "configuration reloaded"),
+                Err(errors) => {
+                    for e in errors.lines() {
+                        tracing::error!("{e}");
+                    }
+                    tracing::error!("reload rejected; the running configuration stays");
+                }
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("shutting down: no new connections, draining write queues");
     broker.stop_accepting();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let d = broker.engine.dispatcher();
-    while std::time::Instant::now() < deadline && d.pools.iter().any(|p| p.queue.room() < conf.broker.queue_capacity) {
+    while std::time::Instant::now() < deadline
+        && d.pools.iter().any(|p| {
+            p.queue.room() < conf.broker.queue_capacity || p.queue.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
+        })
+    {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let _ = std::fs::remove_file(&pid);
     Ok(())
 }

@@ -1,8 +1,12 @@
-//! Counters per rule and per pool, rendered in the Prometheus text format.
+//! Counters per rule and per pool, rendered in the Prometheus text format on `metrics.listen`.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Upper bounds (ms) of the write-latency histogram buckets (enqueue → commit).
+const BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
 
 #[derive(Debug, Default)]
 pub struct RuleMetrics {
@@ -13,6 +17,8 @@ pub struct RuleMetrics {
     pub dropped: AtomicU64,
     pub retried: AtomicU64,
     pub queued: AtomicU64,
+    latency: [AtomicU64; BUCKETS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
 }
 
 impl RuleMetrics {
@@ -22,9 +28,27 @@ impl RuleMetrics {
             ..Default::default()
         })
     }
+
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Relaxed);
     }
+
+    /// Records one write's latency from enqueue to commit.
+    pub fn observe(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS_MS.len());
+        self.latency[i].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
+
+/// Per-pool gauges, updated by the pool's writer.
+#[derive(Debug, Default)]
+pub struct PoolMetrics {
+    pub label: String,
+    pub connected: AtomicBool,
+    pub in_flight: AtomicU64,
+    pub queue_depth: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -39,15 +63,48 @@ pub struct BrokerMetrics {
 pub struct Registry {
     pub broker: BrokerMetrics,
     pub rules: parking_lot::Mutex<Vec<Arc<RuleMetrics>>>,
+    pub pools: parking_lot::Mutex<Vec<Weak<PoolMetrics>>>,
 }
 
 impl Registry {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let b = &self.broker;
-        let _ = writeln!(out, "mqtt_persist_connections {}", b.connections.load(Relaxed));
-        let _ = writeln!(out, "mqtt_persist_messages_in_total {}", b.messages_in.load(Relaxed));
-        let _ = writeln!(out, "mqtt_persist_messages_out_total {}", b.messages_out.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "# TYPE mqtt_persist_connections gauge\nmqtt_persist_connections {}",
+            b.connections.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mqtt_persist_messages_in_total counter\nmqtt_persist_messages_in_total {}",
+            b.messages_in.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mqtt_persist_messages_out_total counter\nmqtt_persist_messages_out_total {}",
+            b.messages_out.load(Relaxed)
+        );
+        for p in self.pools.lock().iter().filter_map(Weak::upgrade) {
+            let _ = writeln!(
+                out,
+                "mqtt_persist_pool_connected{{pool=\"{}\"}} {}",
+                p.label,
+                u8::from(p.connected.load(Relaxed))
+            );
+            let _ = writeln!(
+                out,
+                "mqtt_persist_pool_in_use{{pool=\"{}\"}} {}",
+                p.label,
+                p.in_flight.load(Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "mqtt_persist_pool_queue_depth{{pool=\"{}\"}} {}",
+                p.label,
+                p.queue_depth.load(Relaxed)
+            );
+        }
         for r in self.rules.lock().iter() {
             for (name, v) in [
                 ("matched", &r.matched),
@@ -59,7 +116,50 @@ impl Registry {
             ] {
                 let _ = writeln!(out, "mqtt_persist_rule_{name}_total{{rule=\"{}\"}} {}", r.label, v.load(Relaxed));
             }
+            let mut cum = 0;
+            for (i, le) in BUCKETS_MS.iter().enumerate() {
+                cum += r.latency[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "mqtt_persist_rule_write_latency_seconds_bucket{{rule=\"{}\",le=\"{}\"}} {cum}",
+                    r.label,
+                    *le as f64 / 1000.0
+                );
+            }
+            cum += r.latency[BUCKETS_MS.len()].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "mqtt_persist_rule_write_latency_seconds_bucket{{rule=\"{}\",le=\"+Inf\"}} {cum}",
+                r.label
+            );
+            let _ = writeln!(
+                out,
+                "mqtt_persist_rule_write_latency_seconds_sum{{rule=\"{}\"}} {}",
+                r.label,
+                r.latency_sum_us.load(Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(out, "mqtt_persist_rule_write_latency_seconds_count{{rule=\"{}\"}} {cum}", r.label);
         }
         out
+    }
+}
+
+/// Serves `GET /metrics` (any path) over plain HTTP/1.1.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            let body = registry.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+        });
     }
 }

@@ -7,7 +7,7 @@
 //! no-loss mode sends a PUBACK only after the message is committed.
 
 use super::{Backend, WriteOp};
-use crate::metrics::RuleMetrics;
+use crate::metrics::{PoolMetrics, RuleMetrics};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +36,18 @@ pub struct Job {
     pub op: WriteOp,
     pub rule: Arc<RuleMetrics>,
     pub ticket: Option<Arc<Ticket>>,
+    pub queued_at: Instant,
+}
+
+impl Job {
+    pub fn new(op: WriteOp, rule: Arc<RuleMetrics>, ticket: Option<Arc<Ticket>>) -> Job {
+        Job {
+            op,
+            rule,
+            ticket,
+            queued_at: Instant::now(),
+        }
+    }
 }
 
 /// The sending side, cloned into the dispatcher.
@@ -43,6 +55,7 @@ pub struct Job {
 pub struct WriteQueue {
     tx: mpsc::Sender<Job>,
     label: Arc<str>,
+    pub metrics: Arc<PoolMetrics>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -57,8 +70,13 @@ impl WriteQueue {
     pub fn spawn(backend: Arc<dyn Backend>, capacity: usize, batch_size: usize, linger: Duration) -> WriteQueue {
         let (tx, rx) = mpsc::channel(capacity);
         let label: Arc<str> = backend.label().into();
-        tokio::spawn(writer(backend, rx, batch_size, linger));
-        WriteQueue { tx, label }
+        let metrics = Arc::new(PoolMetrics {
+            label: label.to_string(),
+            ..Default::default()
+        });
+        metrics.connected.store(true, Relaxed);
+        tokio::spawn(writer(backend, rx, batch_size, linger, metrics.clone()));
+        WriteQueue { tx, label, metrics }
     }
 
     /// Waits for room: back-pressure for no-loss writes.
@@ -111,7 +129,7 @@ fn rate_limited_warn(msg: &str) {
     }
 }
 
-async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration) {
+async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration, metrics: Arc<PoolMetrics>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
     let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
     let mut outage: Option<Outage> = None;
@@ -129,6 +147,8 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
             }
         }
         ops.extend(jobs.iter().map(|j| j.op.clone()));
+        metrics.in_flight.store(jobs.len() as u64, Relaxed);
+        metrics.queue_depth.store(rx.len() as u64, Relaxed);
         let mut delay = Duration::from_millis(50);
         loop {
             match backend.write(&ops).await {
@@ -141,8 +161,10 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
                             "database is back; writes resumed"
                         );
                     }
+                    metrics.connected.store(true, Relaxed);
                     for j in &jobs {
                         RuleMetrics::inc(&j.rule.success);
+                        j.rule.observe(j.queued_at.elapsed());
                     }
                     break;
                 }
@@ -156,6 +178,7 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
                         }
                     });
                     o.failures += 1;
+                    metrics.connected.store(false, Relaxed);
                     tracing::debug!(pool = backend.label(), error = %e.message, failures = o.failures, "retrying a batch");
                     for j in &jobs {
                         RuleMetrics::inc(&j.rule.retried);
@@ -172,6 +195,7 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
         }
         ops.clear();
         jobs.clear(); // drops tickets: acks may go out now
+        metrics.in_flight.store(0, Relaxed);
     }
 }
 

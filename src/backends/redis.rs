@@ -170,6 +170,14 @@ pub struct RedisBackend {
     label: String,
     settings: RedisSettings,
     conn: RwLock<Conn>,
+    /// Ends the control-channel listener when this pool is replaced (reload) or dropped.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 fn classify(e: RedisError) -> BackendError {
@@ -245,6 +253,7 @@ impl RedisBackend {
             label: pool.label(),
             settings,
             conn: RwLock::new(conn),
+            stop: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -711,7 +720,13 @@ impl Backend for RedisBackend {
         }
         let settings = self.settings.clone();
         let label = self.label.clone();
-        tokio::spawn(control_loop(settings, label, sink));
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = control_loop(settings, label, sink) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
     }
 }
 

@@ -116,6 +116,7 @@ struct PendingSub {
 struct Session {
     engine: Arc<Engine>,
     d: Arc<Dispatcher>,
+    generation: u64,
     client: Arc<Client>,
     codec: Codec,
     tx: LinkTx,
@@ -248,10 +249,12 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let conn_id = engine.register(&clientid, ctl_tx);
+    let generation = engine.generation();
     let d = engine.dispatcher();
     let mut s = Session {
         meta: d.needs_meta(),
         d,
+        generation,
         engine: engine.clone(),
         client: client.clone(),
         codec: codec.clone(),
@@ -434,7 +437,18 @@ impl Session {
             .map_err(|e| ConnError::Protocol(format!("router link closed: {e}")))
     }
 
+    /// After a reload, this connection's next events use the new rules.
+    fn refresh_rules(&mut self) {
+        let g = self.engine.generation();
+        if g != self.generation {
+            self.generation = g;
+            self.d = self.engine.dispatcher();
+            self.meta = self.d.needs_meta();
+        }
+    }
+
     async fn read_packets(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+        self.refresh_rules();
         let max = self.engine.conf.max_packet_size;
         loop {
             let hdr = wire::peek_publish(rbuf);

@@ -37,6 +37,8 @@ pub struct Engine {
     clients: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Control>)>>,
     next_conn: AtomicU64,
     internal: Mutex<Option<LinkTx>>,
+    /// Bumped on every reload so connections pick up the new dispatcher.
+    generation: AtomicU64,
 }
 
 /// Router settings whose memory stays bounded: each topic's commitlog holds at most
@@ -72,6 +74,7 @@ impl Engine {
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             internal: Mutex::new(None),
+            generation: AtomicU64::new(0),
         });
         engine.start_internal_link();
         engine
@@ -109,8 +112,14 @@ impl Engine {
         self.dispatcher.read().clone()
     }
 
+    /// Swaps in a new rule set (reload): new events use it; old pools drain and close.
     pub fn set_dispatcher(&self, d: Arc<Dispatcher>) {
         *self.dispatcher.write() = d;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Registers a live connection; returns its unique id.

@@ -124,11 +124,12 @@ impl Dispatcher {
             .get(&Hook::SessionSubscribed)
             .is_some_and(|r| r.iter().any(|b| b.rule.builtin() == Some(Builtin::RetainLookup)));
         let mut seen = HashSet::new();
-        let pools = pools
+        let pools: Vec<Arc<Pool>> = pools
             .values()
             .filter(|p| seen.insert(p.queue.label().to_string()))
             .cloned()
             .collect();
+        *registry.pools.lock() = pools.iter().map(|p| Arc::downgrade(&p.queue.metrics)).collect();
         Dispatcher {
             node: conf.broker.node_name.clone(),
             hooks,
@@ -213,11 +214,7 @@ impl Dispatcher {
                     None => continue,
                 },
             };
-            let job = Job {
-                op,
-                rule: b.metrics.clone(),
-                ticket: None,
-            };
+            let job = Job::new(op, b.metrics.clone(), None);
             match ticket {
                 Some(t) if stores || msg.retain => {
                     b.pool
@@ -287,11 +284,7 @@ impl Dispatcher {
                 },
             };
             RuleMetrics::inc(&b.metrics.matched);
-            b.pool.queue.try_push(Job {
-                op,
-                rule: b.metrics.clone(),
-                ticket: None,
-            });
+            b.pool.queue.try_push(Job::new(op, b.metrics.clone(), None));
         }
     }
 

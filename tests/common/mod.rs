@@ -78,8 +78,8 @@ impl BrokerProc {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Some(i) = line.find("listening on ") {
-                        let addr = line[i + 13..].split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(i) = line.find("mqtt-persist listening on ") {
+                        let addr = line[i + 26..].split_whitespace().next().unwrap_or("").to_string();
                         let _ = tx.send(addr);
                     }
                     log.lock().unwrap().push(line);
@@ -113,6 +113,30 @@ impl BrokerProc {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the process to exit; returns its success.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<bool> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 

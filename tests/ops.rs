@@ -1,0 +1,135 @@
+//! Operations: hot reload, the metrics endpoint, message TTL cleanup, graceful shutdown.
+
+mod common;
+
+use common::kits::{Kit, SqliteKit};
+use common::*;
+use rumqttc::QoS;
+use std::process::Command;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn plugin_path(b: &BrokerProc) -> std::path::PathBuf {
+    b.dir.path().join("etc/plugins/emqx_backend_sqlite.conf")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_broken_conf_keeps_the_old_rules_and_names_file_and_line() {
+    let kit = SqliteKit::new().await;
+    let broker = BrokerProc::start("sqlite", &kit.plugin_conf());
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let good = kit.plugin_conf();
+    std::fs::write(
+        plugin_path(&broker),
+        format!(
+            "{good}backend.sqlite.hook.message.publish.20 = {{\"action\": {{\"function\": \"on_mesage_store\"}}, \"pool\": \"pool1\"}}\n"
+        ),
+    )
+    .unwrap();
+    broker.signal("-HUP");
+    eventually("reload rejected", WAIT, || async {
+        broker.log().contains("reload rejected").then_some(())
+    })
+    .await;
+    let line = good.lines().count() + 1;
+    assert!(
+        broker
+            .log()
+            .contains(&format!("emqx_backend_sqlite.conf:{line}: unknown function `on_mesage_store`")),
+        "{}",
+        broker.log()
+    );
+    // The old rules still run, on the existing connection.
+    let t = format!("{}/still", unique("rl"));
+    p.publish(&t, QoS::AtLeastOnce, false, "x").await;
+    eventually("stored by the old rules", WAIT, || async {
+        (kit.stored_count(&t).await == 1).then_some(())
+    })
+    .await;
+    // A good change applies to the same connection's next events: QoS0 now stored too.
+    std::fs::write(plugin_path(&broker), format!("{good}backend.sqlite.hook.message.publish.20 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_store\"}}, \"pool\": \"pool1\"}}\n")).unwrap();
+    let out = Command::new(bin())
+        .args(["reload", "--etc"])
+        .arg(broker.dir.path().join("etc"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("reloaded", WAIT, || async {
+        broker.log().contains("configuration reloaded").then_some(())
+    })
+    .await;
+    let t0 = format!("{}/qos0", unique("rl"));
+    p.publish(&t0, QoS::AtMostOnce, false, "zero").await;
+    p.publish(&t0, QoS::AtLeastOnce, false, "flush").await;
+    eventually("QoS0 stored by the new rule", WAIT, || async {
+        (kit.stored_count(&t0).await >= 2).then_some(())
+    })
+    .await;
+}
+
+async fn http_get(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
+    let kit = SqliteKit::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let broker = BrokerProc::start_with("sqlite", &kit.plugin_conf(), &format!("metrics.listen = 127.0.0.1:{port}"));
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let t = format!("{}/m", unique("met"));
+    for _ in 0..3 {
+        p.publish(&t, QoS::AtLeastOnce, false, "x").await;
+    }
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 3).then_some(()) }).await;
+    let body = http_get(&format!("127.0.0.1:{port}")).await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("mqtt_persist_connections 1"), "{body}");
+    assert!(body.contains("mqtt_persist_pool_connected{pool=\"sqlite:pool1\"} 1"), "{body}");
+    let success = body
+        .lines()
+        .find(|l| l.starts_with("mqtt_persist_rule_success_total{rule=\"sqlite.hook.message.publish.1\"}"))
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(success.ends_with(" 3"), "{success}");
+    assert!(
+        body.contains("mqtt_persist_rule_write_latency_seconds_count{rule=\"sqlite.hook.message.publish.1\"} 3"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_messages_older_than_message_ttl_are_deleted() {
+    let kit = SqliteKit::new().await;
+    let conf = format!("{}backend.sqlite.message_ttl = 2s\n", kit.plugin_conf());
+    let broker = BrokerProc::start("sqlite", &conf);
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let t = format!("{}/ttl", unique("ttl"));
+    p.publish(&t, QoS::AtLeastOnce, false, "old").await;
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
+    eventually("deleted after the TTL", WAIT, || async {
+        (kit.stored_count(&t).await == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_queued_writes_and_exits_cleanly() {
+    let kit = SqliteKit::new().await;
+    let mut broker = BrokerProc::start_with("sqlite", &kit.plugin_conf(), "persist.no_loss = off");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let t = format!("{}/term", unique("term"));
+    for i in 0..500 {
+        p.publish(&t, QoS::AtLeastOnce, false, format!("{i}")).await;
+    }
+    eventually("some stored", WAIT, || async { (kit.stored_count(&t).await > 0).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.signal("-TERM");
+    assert_eq!(broker.wait_exit(Duration::from_secs(15)), Some(true), "{}", broker.log());
+    assert_eq!(kit.stored_count(&t).await, 500);
+}
