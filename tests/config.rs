@@ -280,3 +280,26 @@ fn a_redis_command_with_an_unknown_placeholder_names_its_line() {
         "{out}"
     );
 }
+
+#[test]
+fn the_compose_environment_configures_the_shipped_files() {
+    // Every MQTT_PERSIST__ override of docker/compose.yml, applied to the shipped etc/.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("docker/compose.yml")).unwrap();
+    let vars: Vec<(String, String)> = compose
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .filter(|(k, _)| k.starts_with("MQTT_PERSIST__"))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    assert!(vars.len() >= 8, "{vars:?}");
+    let out = Command::new(bin())
+        .args(["check", "--etc"])
+        .arg(root.join("etc"))
+        .envs(vars)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 backend(s)"), "{text}");
+}

@@ -313,3 +313,36 @@ impl Kit for RedisKit {
             .await;
     }
 }
+
+/// PostgreSQL with `prepare = off` (PgBouncer transaction pooling): unnamed statements,
+/// still bound parameters. Runs the whole suite a second time.
+pub struct PgUnpreparedKit(PgKit);
+
+impl Kit for PgUnpreparedKit {
+    const DB: &'static str = "pgsql";
+
+    async fn new() -> Self {
+        PgUnpreparedKit(PgKit::new().await)
+    }
+    fn pool_conf(&self) -> String {
+        format!("{}backend.pgsql.pool1.prepare = off\n", self.0.pool_conf())
+    }
+    fn custom_action(&self) -> String {
+        self.0.custom_action()
+    }
+    async fn client_state(&self, clientid: &str) -> Option<i64> {
+        self.0.client_state(clientid).await
+    }
+    async fn stored_count(&self, topic: &str) -> i64 {
+        self.0.stored_count(topic).await
+    }
+    async fn retained(&self, topic: &str) -> Option<Vec<u8>> {
+        self.0.retained(topic).await
+    }
+    async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
+        self.0.custom_rows(clientid).await
+    }
+    async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64) {
+        self.0.add_subscription(clientid, topic, qos).await
+    }
+}

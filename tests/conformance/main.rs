@@ -43,4 +43,5 @@ macro_rules! conformance {
 
 conformance!(sqlite, crate::common::kits::SqliteKit);
 conformance!(pgsql, crate::common::kits::PgKit);
+conformance!(pgsql_unprepared, crate::common::kits::PgUnpreparedKit);
 conformance!(redis, crate::common::kits::RedisKit);

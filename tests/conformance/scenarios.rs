@@ -174,13 +174,21 @@ pub async fn custom_statements_store_hostile_input_verbatim<K: Kit>() {
     for pl in &payloads {
         p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, pl.clone()).await;
     }
+    // A topic near MQTT's 64 KiB limit is stored verbatim too.
+    let long_topic = format!("{base}/{}", "t/".repeat(30_000));
+    p.publish(&long_topic, QoS::AtLeastOnce, false, b"long".to_vec()).await;
+    eventually("the long-topic message stored", WAIT, || async {
+        (kit.stored_count(&long_topic).await == 1).then_some(())
+    })
+    .await;
     let rows = eventually("custom rows", WAIT, || async {
         let r = kit.custom_rows(&id).await;
-        (r.len() == payloads.len()).then_some(r)
+        (r.len() == payloads.len() + 1).then_some(r)
     })
     .await;
     let mut rows = rows;
     let mut want = payloads.clone();
+    want.push(b"long".to_vec());
     rows.sort();
     want.sort();
     assert_eq!(rows, want);
