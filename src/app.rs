@@ -1,7 +1,7 @@
 //! Wiring: configuration → pools and queues → dispatcher → engine → listener.
 //! Used by `mqtt-persist run` and by the tests, which start brokers in-process on port 0.
 
-use crate::backends::queue::WriteQueue;
+use crate::backends::queue::{Spool, WriteQueue};
 use crate::broker::{self, Engine};
 use crate::config::{ConfError, Config};
 use crate::hooks::{Dispatcher, Pool};
@@ -45,11 +45,25 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Disp
             match crate::backends::connect(pool, &conf.broker.data_dir).await {
                 Ok(backend) => {
                     tracing::info!(pool = %pool.label(), "pool ready");
+                    let spool = match &b.spool_dir {
+                        Some(dir) => match Spool::open(dir.join(format!("{}-{}.spool", pool.db, pool.name)), b.spool_max_bytes) {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                errors.push(ConfError::new(
+                                    &crate::config::Origin::Default,
+                                    format!("cannot open the spool in {}: {e}", dir.display()),
+                                ));
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
                     let queue = WriteQueue::spawn(
                         backend.clone(),
                         conf.broker.queue_capacity,
                         conf.broker.batch_size,
                         conf.broker.batch_linger,
+                        spool,
                     );
                     pools.insert(pool.label(), Arc::new(Pool { backend, queue }));
                 }

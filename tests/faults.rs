@@ -175,3 +175,83 @@ async fn a_redis_restart_keeps_clients_connected_and_writes_resume() {
     let log = broker.log();
     assert_eq!(log.matches("database write failed").count(), 1, "one error per outage:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
+    if skipped("pgsql") {
+        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let pg = PgServer::start();
+    let db = pg_connect(&pg.url().parse().unwrap()).await;
+    db.batch_execute(mqtt_persist::backends::pgsql::SCHEMA).await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 1000\nbackend.pgsql.spool.dir = {}\n\
+         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n",
+        pg.port,
+        spool.path().display()
+    );
+    let broker = BrokerProc::start("pgsql", &conf);
+    let topic = unique("spool/");
+    let mut o = MqttOptions::new(unique("sp"), "127.0.0.1", broker.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    let (tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = ev {
+                let _ = tx.send(());
+            }
+        }
+    });
+    for i in 0..5 {
+        client
+            .publish(format!("{topic}/a"), QoS::AtLeastOnce, false, format!("before{i}"))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), acks.recv())
+            .await
+            .expect("PUBACK while the database is up");
+    }
+    drop(db);
+    pg.kill();
+    // During the outage every PUBACK still arrives: the writes are on disk in the spool.
+    for i in 0..20 {
+        client
+            .publish(format!("{topic}/b"), QoS::AtLeastOnce, false, format!("during{i}"))
+            .await
+            .unwrap();
+    }
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(20), acks.recv())
+            .await
+            .expect("PUBACK from the spool during the outage");
+    }
+    let spooled = std::fs::read_dir(spool.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.metadata().unwrap().len())
+        .sum::<u64>();
+    assert!(spooled > 0, "the spool holds the writes");
+    // kill -9 the broker while the database is still down, start it again, then the database.
+    let broker = broker.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.resume();
+    let db = pg_connect(&pg.url().parse().unwrap()).await;
+    let like = format!("{topic}/%");
+    let mut rows = 0i64;
+    for _ in 0..200 {
+        rows = db
+            .query_one("SELECT count(*) FROM mqtt_msg WHERE topic LIKE $1", &[&like])
+            .await
+            .unwrap()
+            .get(0);
+        if rows == 25 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows, 25, "spooled writes replayed after restart:\n{}", broker.log());
+    assert!(broker.log().contains("spooled writes replayed"), "{}", broker.log());
+}

@@ -29,7 +29,7 @@ pub enum TemplateError {
 }
 
 /// A compiled SQL/CQL statement: final text plus the variables bound in order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Statement {
     pub text: Arc<str>,
     pub params: Vec<Var>,
@@ -67,7 +67,7 @@ impl Statement {
 }
 
 /// One token of a Redis command template.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Arg {
     Literal(Vec<u8>),
     /// The whole token is one placeholder.
@@ -78,14 +78,14 @@ pub enum Arg {
     MessageFields,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum KeyPart {
     Text(String),
     Var(Var),
 }
 
 /// A Redis command compiled from `"CMD key a b"` by EMQX's tokenizing rules (SPEC §2.1).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Command {
     pub args: Vec<Arg>,
 }

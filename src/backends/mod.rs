@@ -23,8 +23,8 @@ pub mod sqlite;
 pub mod tls;
 
 /// One write, in the order the broker produced it. Every op is idempotent so that a batch can
-/// be retried after an error whose outcome is unknown.
-#[derive(Debug, Clone)]
+/// be retried after an error whose outcome is unknown. Serializable for the disk spool.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     ClientConnected {
         clientid: Arc<str>,

@@ -67,7 +67,7 @@ pub enum Enqueue {
 
 impl WriteQueue {
     /// Start the writer task for `backend`.
-    pub fn spawn(backend: Arc<dyn Backend>, capacity: usize, batch_size: usize, linger: Duration) -> WriteQueue {
+    pub fn spawn(backend: Arc<dyn Backend>, capacity: usize, batch_size: usize, linger: Duration, spool: Option<Spool>) -> WriteQueue {
         let (tx, rx) = mpsc::channel(capacity);
         let label: Arc<str> = backend.label().into();
         let metrics = Arc::new(PoolMetrics {
@@ -75,7 +75,7 @@ impl WriteQueue {
             ..Default::default()
         });
         metrics.connected.store(true, Relaxed);
-        tokio::spawn(writer(backend, rx, batch_size, linger, metrics.clone()));
+        tokio::spawn(writer(backend, rx, batch_size, linger, metrics.clone(), spool));
         WriteQueue { tx, label, metrics }
     }
 
@@ -129,11 +129,47 @@ fn rate_limited_warn(msg: &str) {
     }
 }
 
-async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration, metrics: Arc<PoolMetrics>) {
+async fn writer(
+    backend: Arc<dyn Backend>,
+    mut rx: mpsc::Receiver<Job>,
+    batch_size: usize,
+    linger: Duration,
+    metrics: Arc<PoolMetrics>,
+    mut spool: Option<Spool>,
+) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
     let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
     let mut outage: Option<Outage> = None;
-    while rx.recv_many(&mut jobs, batch_size).await > 0 {
+    let mut replay_delay = Duration::from_millis(200);
+    loop {
+        let spooling = spool.as_ref().is_some_and(Spool::pending);
+        if spooling {
+            // Writes wait on disk: replay them (in order, before anything newer) once the
+            // database answers; meanwhile new writes join the spool.
+            if try_replay(&*backend, spool.as_mut().expect("pending spool")).await {
+                tracing::info!(pool = backend.label(), "spooled writes replayed");
+                outage = None;
+                metrics.connected.store(true, Relaxed);
+                replay_delay = Duration::from_millis(200);
+            } else {
+                metrics.connected.store(false, Relaxed);
+            }
+        }
+        let spooling = spool.as_ref().is_some_and(Spool::pending);
+        let received = if spooling {
+            match tokio::time::timeout(jitter(replay_delay), rx.recv_many(&mut jobs, batch_size)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    replay_delay = (replay_delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        } else {
+            rx.recv_many(&mut jobs, batch_size).await
+        };
+        if received == 0 {
+            return; // every sender is gone: the pool was replaced or the broker stops
+        }
         // Group commit under light load: give a small batch a moment to grow, so a steady
         // trickle costs the database a few transactions per second instead of one per message.
         if jobs.len() < batch_size / 8 && !linger.is_zero() {
@@ -151,6 +187,9 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
         metrics.queue_depth.store(rx.len() as u64, Relaxed);
         let mut delay = Duration::from_millis(50);
         loop {
+            if spool.as_ref().is_some_and(Spool::pending) && spool_jobs(&*backend, spool.as_mut().expect("pending spool"), &ops, &jobs) {
+                break;
+            }
             match backend.write(&ops).await {
                 Ok(()) => {
                     if let Some(o) = outage.take() {
@@ -180,6 +219,12 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
                     o.failures += 1;
                     metrics.connected.store(false, Relaxed);
                     tracing::debug!(pool = backend.label(), error = %e.message, failures = o.failures, "retrying a batch");
+                    // With a spool, the batch goes to disk and its acks go out now.
+                    if let Some(sp) = spool.as_mut() {
+                        if spool_jobs(&*backend, sp, &ops, &jobs) {
+                            break;
+                        }
+                    }
                     for j in &jobs {
                         RuleMetrics::inc(&j.rule.retried);
                     }
@@ -196,6 +241,128 @@ async fn writer(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Job>, batch_si
         ops.clear();
         jobs.clear(); // drops tickets: acks may go out now
         metrics.in_flight.store(0, Relaxed);
+    }
+}
+
+/// Appends a batch to the spool; true when it is safely on disk (its acks may go out).
+fn spool_jobs(backend: &dyn Backend, sp: &mut Spool, ops: &[WriteOp], jobs: &[Job]) -> bool {
+    match sp.append(ops) {
+        Ok(true) => {
+            for j in jobs {
+                RuleMetrics::inc(&j.rule.queued);
+            }
+            true
+        }
+        Ok(false) => {
+            rate_limited_warn(&format!(
+                "spool of {} is full ({} bytes): holding writes in memory",
+                backend.label(),
+                sp.max_bytes
+            ));
+            false
+        }
+        Err(e) => {
+            rate_limited_warn(&format!("spool of {} failed: {e}", backend.label()));
+            false
+        }
+    }
+}
+
+/// Writes every spooled batch in order; clears the spool when all landed.
+async fn try_replay(backend: &dyn Backend, sp: &mut Spool) -> bool {
+    if backend.ping().await.is_err() {
+        return false;
+    }
+    let batches = match sp.read_all() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(pool = backend.label(), error = %e, "cannot read the spool");
+            return false;
+        }
+    };
+    for batch in &batches {
+        match backend.write(batch).await {
+            Ok(()) => {}
+            Err(e) if e.transient => return false,
+            Err(_) => {
+                for op in batch {
+                    if let Err(e) = backend.write(std::slice::from_ref(op)).await {
+                        if e.transient {
+                            return false;
+                        }
+                        tracing::warn!(pool = backend.label(), error = %e.message, "spooled write refused by the database");
+                    }
+                }
+            }
+        }
+    }
+    match sp.clear() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(pool = backend.label(), error = %e, "cannot clear the spool");
+            false
+        }
+    }
+}
+
+/// An append-only file of batches (one JSON array per line, fsynced), written during a
+/// database outage so queued writes survive a broker restart; replayed in order.
+pub struct Spool {
+    path: std::path::PathBuf,
+    max_bytes: u64,
+    len: u64,
+}
+
+impl Spool {
+    pub fn open(path: std::path::PathBuf, max_bytes: u64) -> std::io::Result<Spool> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Ok(Spool { path, max_bytes, len })
+    }
+
+    pub fn pending(&self) -> bool {
+        self.len > 0
+    }
+
+    /// `Ok(false)` when the size cap would be exceeded.
+    fn append(&mut self, ops: &[WriteOp]) -> std::io::Result<bool> {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(ops).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        if self.len + line.len() as u64 > self.max_bytes {
+            return Ok(false);
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        f.write_all(&line)?;
+        f.sync_data()?;
+        self.len += line.len() as u64;
+        Ok(true)
+    }
+
+    fn read_all(&self) -> std::io::Result<Vec<Vec<WriteOp>>> {
+        let text = std::fs::read(&self.path)?;
+        let mut out = Vec::new();
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice(line) {
+                Ok(batch) => out.push(batch),
+                // A torn last line from a crash mid-append: its acks never went out.
+                Err(e) => tracing::warn!(spool = %self.path.display(), error = %e, "skipping an incomplete spool record"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn clear(&mut self) -> std::io::Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .create(true)
+            .open(&self.path)?;
+        f.sync_all()?;
+        self.len = 0;
+        Ok(())
     }
 }
 

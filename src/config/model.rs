@@ -275,6 +275,7 @@ pub struct BackendConf {
     pub rules: Vec<Rule>,
     pub message_ttl: Option<Duration>,
     pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: u64,
 }
 
 /// No-loss mode (SPEC §5).
@@ -509,6 +510,7 @@ fn backend_conf(
     let mut defaults = OfflineOpts::default();
     let mut message_ttl = None;
     let mut spool_dir = None;
+    let mut spool_max_bytes = 1u64 << 30;
     let mut ignored_once = std::collections::HashSet::new();
     for entry in e.map.values() {
         let key = entry.key.as_str();
@@ -536,6 +538,16 @@ fn backend_conf(
                 match parse_duration(&entry.value) {
                     Ok(v) => message_ttl = v,
                     Err(m) => errors.push(ConfError::new(&entry.origin, m)),
+                }
+                continue;
+            }
+            Some("spool.max_size") => {
+                match parse_size(&entry.value) {
+                    Some(v) => spool_max_bytes = v,
+                    None => errors.push(ConfError::new(
+                        &entry.origin,
+                        format!("`spool.max_size` must be a size like 512MB or 2GB, found `{}`", entry.value),
+                    )),
                 }
                 continue;
             }
@@ -608,7 +620,20 @@ fn backend_conf(
         rules,
         message_ttl,
         spool_dir,
+        spool_max_bytes,
     }
+}
+
+/// `1048576`, `512KB`, `64MB`, `2GB`.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_uppercase();
+    let (num, mult) = match s.trim_end_matches('B') {
+        t if t.ends_with('K') => (t.trim_end_matches('K').to_string(), 1u64 << 10),
+        t if t.ends_with('M') => (t.trim_end_matches('M').to_string(), 1 << 20),
+        t if t.ends_with('G') => (t.trim_end_matches('G').to_string(), 1 << 30),
+        t => (t.to_string(), 1),
+    };
+    num.trim().parse::<u64>().ok().map(|n| n * mult)
 }
 
 /// `2h`, `30m`, `45s`, `1d`, plain seconds, or `infinity`/`0`/`off` for none.

@@ -102,7 +102,7 @@ impl fmt::Display for Hook {
 }
 
 /// A `${name}` placeholder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Var {
     Clientid,
     Username,
@@ -159,7 +159,7 @@ impl Var {
 }
 
 /// A value bound to a statement parameter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Null,
     Int(i64),
@@ -201,7 +201,7 @@ pub struct Client {
 }
 
 /// A published message as the hooks and backends see it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub msgid: u64,
     pub sender: Arc<str>,

@@ -84,16 +84,28 @@ impl PgServer {
             self.dir.display()
         );
         let log = self.dir.join("log");
-        let st = pg_cmd("pg_ctl")
-            .args(["-D"])
-            .arg(&self.dir)
-            .args(["-o", &opts, "-l"])
-            .arg(&log)
-            .args(["-w", "start"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "pg_ctl start failed");
+        let mut started = false;
+        for _ in 0..20 {
+            let st = pg_cmd("pg_ctl")
+                .args(["-D"])
+                .arg(&self.dir)
+                .args(["-o", &opts, "-l"])
+                .arg(&log)
+                .args(["-w", "start"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            if st.success() {
+                started = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(
+            started,
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         wait_port(self.port, true, Duration::from_secs(20));
     }
 
@@ -101,6 +113,10 @@ impl PgServer {
     pub fn kill(&self) {
         let pid = std::fs::read_to_string(self.dir.join("postmaster.pid")).unwrap();
         let pid = pid.lines().next().unwrap().trim().to_string();
+        // The whole server at once: backends too, so a quick restart finds no shared memory
+        // still attached by orphans.
+        Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        let _ = Command::new("pkill").args(["-9", "-P", &pid]).status();
         Command::new("kill").args(["-9", &pid]).status().unwrap();
         wait_port(self.port, false, Duration::from_secs(10));
         // Orphaned backends exit once they notice; remove the stale pid file for a clean restart.
