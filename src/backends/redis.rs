@@ -146,6 +146,32 @@ impl RedisSettings {
         }
     }
 
+    /// A client for the data node: the configured server, or the master a sentinel names now.
+    async fn data_client(&self) -> Result<redis::Client, RedisError> {
+        match self.kind {
+            Kind::Sentinel => {
+                let sentinels: Vec<ConnectionInfo> = self
+                    .servers
+                    .iter()
+                    .map(|(h, p)| ConnectionInfo {
+                        addr: ConnectionAddr::Tcp(h.clone(), *p),
+                        redis: RedisConnectionInfo::default(),
+                    })
+                    .collect();
+                let mut sentinel = redis::sentinel::Sentinel::build(sentinels)?;
+                let node = redis::sentinel::SentinelNodeConnectionInfo {
+                    tls_mode: None,
+                    redis_connection_info: Some(self.info("", 0).redis),
+                };
+                sentinel.async_master_for(&self.sentinel, Some(&node)).await
+            }
+            _ => {
+                let (h, p) = &self.servers[0];
+                self.client(self.info(h, *p))
+            }
+        }
+    }
+
     fn client(&self, info: ConnectionInfo) -> Result<redis::Client, RedisError> {
         match &self.tls {
             None => redis::Client::open(info),
@@ -207,31 +233,9 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
 
 async fn open(s: &RedisSettings) -> Result<Conn, RedisError> {
     match s.kind {
-        Kind::Single => {
-            let (h, p) = &s.servers[0];
-            Ok(Conn::Single(Box::new(
-                ConnectionManager::new_with_config(s.client(s.info(h, *p))?, manager_config()).await?,
-            )))
-        }
-        Kind::Sentinel => {
-            let urls: Vec<ConnectionInfo> = s
-                .servers
-                .iter()
-                .map(|(h, p)| ConnectionInfo {
-                    addr: ConnectionAddr::Tcp(h.clone(), *p),
-                    redis: RedisConnectionInfo::default(),
-                })
-                .collect();
-            let mut sentinel = redis::sentinel::Sentinel::build(urls)?;
-            let node = redis::sentinel::SentinelNodeConnectionInfo {
-                tls_mode: None,
-                redis_connection_info: Some(s.info("", 0).redis),
-            };
-            let client = sentinel.async_master_for(&s.sentinel, Some(&node)).await?;
-            Ok(Conn::Single(Box::new(
-                ConnectionManager::new_with_config(client, manager_config()).await?,
-            )))
-        }
+        Kind::Single | Kind::Sentinel => Ok(Conn::Single(Box::new(
+            ConnectionManager::new_with_config(s.data_client().await?, manager_config()).await?,
+        ))),
         Kind::Cluster => {
             let nodes: Vec<ConnectionInfo> = s.servers.iter().map(|(h, p)| s.info(h, *p)).collect();
             let mut b = redis::cluster::ClusterClientBuilder::new(nodes);
@@ -735,26 +739,7 @@ async fn control_loop(s: RedisSettings, label: String, sink: ControlSink) {
     let mut logged = false;
     loop {
         let r: Result<(), RedisError> = async {
-            let (h, p) = match s.kind {
-                Kind::Sentinel => {
-                    let urls: Vec<ConnectionInfo> = s
-                        .servers
-                        .iter()
-                        .map(|(h, p)| ConnectionInfo {
-                            addr: ConnectionAddr::Tcp(h.clone(), *p),
-                            redis: RedisConnectionInfo::default(),
-                        })
-                        .collect();
-                    let mut sentinel = redis::sentinel::Sentinel::build(urls)?;
-                    let c = sentinel.async_master_for(&s.sentinel, None).await?;
-                    match &c.get_connection_info().addr {
-                        ConnectionAddr::Tcp(h, p) | ConnectionAddr::TcpTls { host: h, port: p, .. } => (h.clone(), *p),
-                        _ => s.servers[0].clone(),
-                    }
-                }
-                _ => s.servers[0].clone(),
-            };
-            let client = s.client(s.info(&h, p))?;
+            let client = s.data_client().await?;
             let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(&s.channel).await?;
             tracing::info!(pool = %label, channel = %s.channel, "listening on the control channel");
