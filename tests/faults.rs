@@ -200,7 +200,8 @@ async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
     let db = pg_connect(&pg.url().parse().unwrap()).await;
     let like = format!("{topic}/%");
     let mut rows = 0i64;
-    for _ in 0..200 {
+    // The writer probes the database with backoff (at most ~6 s between probes).
+    for _ in 0..600 {
         rows = db
             .query_one("SELECT count(*) FROM mqtt_msg WHERE topic LIKE $1", &[&like])
             .await
