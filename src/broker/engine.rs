@@ -140,10 +140,6 @@ impl Engine {
     pub fn control(&self, clientid: &str, cmd: Control) -> bool {
         self.clients.lock().get(clientid).is_some_and(|(_, tx)| tx.send(cmd).is_ok())
     }
-
-    pub fn connected_clients(&self) -> usize {
-        self.clients.lock().len()
-    }
 }
 
 /// 64-bit message ids: ms clock (41 bits) | node id (10 bits) | per-ms sequence (12 bits).

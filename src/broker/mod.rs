@@ -6,7 +6,6 @@ pub mod wire;
 
 pub use engine::{Control, Engine};
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -33,8 +32,4 @@ pub async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
             }
         }
     }
-}
-
-pub fn local_addr(l: &TcpListener) -> Option<SocketAddr> {
-    l.local_addr().ok()
 }

@@ -2,7 +2,7 @@
 //! `Publish.{qos, pkid, dup}` are crate-private, so we read them from raw frames and build
 //! QoS>0 publishes through the public `Publish::deserialize`.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol, Publish};
 
 /// MQTT 3.1.1 or 5, chosen per connection from the CONNECT protocol level.
@@ -91,14 +91,6 @@ pub fn build_publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: 
     Publish::deserialize(b.freeze())
 }
 
-/// The QoS of a decoded publish (re-encoding only the fixed header byte is not possible from
-/// outside, so this serializes: use on cold paths only).
-pub fn publish_qos(p: &Publish) -> u8 {
-    let mut tmp = p.clone();
-    tmp.payload = Bytes::new();
-    (tmp.serialize()[0] >> 1) & 3
-}
-
 /// rumqttd refuses client ids containing `+ $ # /`; MQTT allows them. Escape them (and `%`)
 /// reversibly so the router still sees one distinct name per client id.
 pub fn router_client_id(clientid: &str) -> String {
@@ -119,7 +111,6 @@ mod tests {
     #[test]
     fn built_publishes_carry_qos_and_pkid_through_the_codec() {
         let p = build_publish(b"a/b", b"x", 1, true, 4242);
-        assert_eq!(publish_qos(&p), 1);
         let mut buf = BytesMut::new();
         V4.write(Packet::Publish(p, None), &mut buf).unwrap();
         assert_eq!(peek_publish(&buf), Some((1, 4242)));

@@ -141,10 +141,6 @@ impl Dispatcher {
         }
     }
 
-    pub fn node(&self) -> &Arc<str> {
-        &self.node
-    }
-
     pub fn has(&self, hook: Hook) -> bool {
         self.hooks.get(&hook).is_some_and(|r| !r.is_empty())
     }
