@@ -215,3 +215,44 @@ async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
     assert_eq!(rows, 25, "spooled writes replayed after restart:\n{}", broker.log());
     assert!(broker.log().contains("spooled writes replayed"), "{}", broker.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_starts_while_redis_is_down_and_catches_up() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis fault test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let broker = BrokerProc::start("redis", &redis_conf(redis.port));
+    assert!(broker.log().contains("redis is unreachable; starting anyway"), "{}", broker.log());
+    let topic = unique("late/");
+    let mut o = MqttOptions::new(unique("late"), "127.0.0.1", broker.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    let (tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = ev {
+                let _ = tx.send(());
+            }
+        }
+    });
+    client.publish(format!("{topic}/0"), QoS::AtLeastOnce, false, "held").await.unwrap();
+    // No-loss: no PUBACK while nothing can store the message.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), acks.recv()).await.is_err(),
+        "PUBACK before the message was stored"
+    );
+    redis.resume();
+    tokio::time::timeout(Duration::from_secs(20), acks.recv())
+        .await
+        .expect("PUBACK once Redis is up");
+    let mut conn = common::kits::redis_connect(&redis.url()).await;
+    let n: i64 = redis::cmd("ZCARD")
+        .arg(format!("mqtt:msg:{topic}/0"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}

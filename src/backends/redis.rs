@@ -187,6 +187,7 @@ impl RedisSettings {
     }
 }
 
+#[derive(Clone)]
 enum Conn {
     Single(Box<ConnectionManager>),
     Cluster(ClusterConnection),
@@ -195,7 +196,9 @@ enum Conn {
 pub struct RedisBackend {
     label: String,
     settings: RedisSettings,
-    conn: RwLock<Conn>,
+    /// `None` until the server is first reached: a Redis outage at start does not stop the
+    /// broker; writes queue (or spool) and are retried like any outage.
+    conn: RwLock<Option<Conn>>,
     /// Ends the control-channel listener when this pool is replaced (reload) or dropped.
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -250,9 +253,14 @@ async fn open(s: &RedisSettings) -> Result<Conn, RedisError> {
 impl RedisBackend {
     pub async fn connect(pool: &PoolConf) -> Result<Self, ConfError> {
         let settings = RedisSettings::parse(pool)?;
-        let conn = open(&settings)
-            .await
-            .map_err(|e| pool.error("server", format!("cannot connect to {settings:?}: {e}")))?;
+        let conn = match open(&settings).await.map_err(classify) {
+            Ok(c) => Some(c),
+            Err(e) if e.transient => {
+                tracing::warn!(pool = %pool.label(), error = %e, "redis is unreachable; starting anyway and retrying");
+                None
+            }
+            Err(e) => return Err(pool.error("server", format!("cannot connect to {settings:?}: {e}"))),
+        };
         Ok(RedisBackend {
             label: pool.label(),
             settings,
@@ -261,24 +269,30 @@ impl RedisBackend {
         })
     }
 
+    /// The connection, opening it first if the server was never reached.
+    async fn conn(&self) -> BResult<Conn> {
+        if let Some(c) = &*self.conn.read().await {
+            return Ok(c.clone());
+        }
+        let mut w = self.conn.write().await;
+        if w.is_none() {
+            *w = Some(open(&self.settings).await.map_err(classify)?);
+        }
+        Ok(w.clone().expect("just opened"))
+    }
+
     async fn run_pipe<T: redis::FromRedisValue>(&self, p: &Pipeline) -> BResult<T> {
-        let r = {
-            let c = self.conn.read().await;
-            match &*c {
-                Conn::Single(m) => p.query_async(&mut (**m).clone()).await,
-                Conn::Cluster(m) => p.query_async(&mut m.clone()).await,
-            }
+        let r = match self.conn().await? {
+            Conn::Single(mut m) => p.query_async(&mut *m).await,
+            Conn::Cluster(mut m) => p.query_async(&mut m).await,
         };
         self.after(r).await
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> BResult<T> {
-        let r = {
-            let c = self.conn.read().await;
-            match &*c {
-                Conn::Single(m) => cmd.query_async(&mut (**m).clone()).await,
-                Conn::Cluster(m) => cmd.query_async(&mut m.clone()).await,
-            }
+        let r = match self.conn().await? {
+            Conn::Single(mut m) => cmd.query_async(&mut *m).await,
+            Conn::Cluster(mut m) => cmd.query_async(&mut m).await,
         };
         self.after(r).await
     }
@@ -291,7 +305,7 @@ impl RedisBackend {
                 let e = classify(e);
                 if e.transient && self.settings.kind == Kind::Sentinel {
                     if let Ok(c) = open(&self.settings).await {
-                        *self.conn.write().await = c;
+                        *self.conn.write().await = Some(c);
                     }
                 }
                 Err(e)
