@@ -680,7 +680,7 @@ async fn latency() {
     let db = std::env::var("BENCH_LAT_DB").unwrap_or_else(|_| "pgsql".into());
     row(
         &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of 5 alternating rounds)"),
-        &format!("with {db} persistence (no-loss)"),
+        &format!("with {db} persistence"),
         median(a),
         "without",
         median(b),
