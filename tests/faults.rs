@@ -153,17 +153,7 @@ async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
     );
     let broker = BrokerProc::start("pgsql", &conf);
     let topic = unique("spool/");
-    let mut o = MqttOptions::new(unique("sp"), "127.0.0.1", broker.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-    let (tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = el.poll().await {
-            if let Event::Incoming(Packet::PubAck(_)) = ev {
-                let _ = tx.send(());
-            }
-        }
-    });
+    let (client, mut acks) = acking_client(broker.port());
     for i in 0..5 {
         client
             .publish(format!("{topic}/a"), QoS::AtLeastOnce, false, format!("before{i}"))
@@ -227,17 +217,7 @@ async fn the_broker_starts_while_redis_is_down_and_catches_up() {
     let broker = BrokerProc::start("redis", &redis_conf(redis.port));
     assert!(broker.log().contains("redis is unreachable; starting anyway"), "{}", broker.log());
     let topic = unique("late/");
-    let mut o = MqttOptions::new(unique("late"), "127.0.0.1", broker.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-    let (tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = el.poll().await {
-            if let Event::Incoming(Packet::PubAck(_)) = ev {
-                let _ = tx.send(());
-            }
-        }
-    });
+    let (client, mut acks) = acking_client(broker.port());
     client.publish(format!("{topic}/0"), QoS::AtLeastOnce, false, "held").await.unwrap();
     // No-loss: no PUBACK while nothing can store the message.
     assert!(
@@ -255,4 +235,20 @@ async fn the_broker_starts_while_redis_is_down_and_catches_up() {
         .await
         .unwrap();
     assert_eq!(n, 1);
+}
+
+/// A QoS1 publisher whose PUBACKs arrive, one `()` each, on the returned channel.
+fn acking_client(port: u16) -> (rumqttc::AsyncClient, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let mut o = MqttOptions::new(unique("acks"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    let (tx, acks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = ev {
+                let _ = tx.send(());
+            }
+        }
+    });
+    (client, acks)
 }
