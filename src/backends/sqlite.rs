@@ -94,11 +94,19 @@ impl SqliteBackend {
     }
 }
 
-fn classify(e: rusqlite::Error) -> BackendError {
+/// Worth retrying: the database was busy, locked, full or unreachable, not the data refused.
+fn is_transient(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::*;
-    match e.sqlite_error_code() {
-        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen) => BackendError::transient(e.to_string()),
-        _ => BackendError::permanent(e.to_string()),
+    matches!(
+        e.sqlite_error_code(),
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen)
+    )
+}
+
+fn classify(e: rusqlite::Error) -> BackendError {
+    BackendError {
+        transient: is_transient(&e),
+        message: e.to_string(),
     }
 }
 
@@ -189,7 +197,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
                     .prepare_cached(&st.text)
                     .and_then(|mut s| s.execute(rusqlite::params_from_iter(ps.iter().map(to_sql))));
                 if let Err(e) = r {
-                    if classify_is_transient(&e) {
+                    if is_transient(&e) {
                         return Err(e);
                     }
                     tracing::warn!(statement = %st.text, error = %e, "custom statement failed");
@@ -199,14 +207,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
         WriteOp::Commands { .. } => {}
     }
     Ok(())
-}
-
-fn classify_is_transient(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        e.sqlite_error_code(),
-        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull)
-    )
 }
 
 const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
