@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::kits::pg_connect;
 use common::servers::{PgServer, RedisServer};
 use common::*;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
@@ -40,10 +41,6 @@ async fn a_postgres_kill_loses_no_acknowledged_message_and_drops_no_client() {
     let failures = log.matches("database write failed").count();
     assert_eq!(failures, 1, "one error per outage, not per message:\n{log}");
     assert!(log.contains("database is back"), "{log}");
-}
-
-async fn pg_connect(cfg: &tokio_postgres::Config) -> tokio_postgres::Client {
-    common::kits::pg_connect(cfg).await
 }
 
 fn redis_conf(port: u16) -> String {
