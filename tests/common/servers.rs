@@ -121,7 +121,11 @@ impl PgServer {
         wait_port(self.port, false, Duration::from_secs(10));
         // Orphaned backends exit once they notice; remove the stale pid file for a clean restart.
         std::thread::sleep(Duration::from_millis(300));
+        // Remove the stale locks too: a killed, not yet reaped postmaster still "owns" them,
+        // and a restart would wait for it.
         let _ = std::fs::remove_file(self.dir.join("postmaster.pid"));
+        let _ = std::fs::remove_file(self.dir.join(format!(".s.PGSQL.{}.lock", self.port)));
+        let _ = std::fs::remove_file(self.dir.join(format!(".s.PGSQL.{}", self.port)));
     }
 
     pub fn url(&self) -> String {
