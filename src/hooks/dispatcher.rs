@@ -150,8 +150,16 @@ impl Dispatcher {
     }
 
     /// Deliveries must carry the msgid across the router (delivered/acked rules, fetch dedup).
+    ///
+    /// It costs a user property per publish, so it is on only when something reads it: rules on
+    /// delivered/acked, or fetches whose injected messages must not arrive twice (retained
+    /// lookups are never deduplicated against live traffic).
     pub fn needs_meta(&self) -> bool {
-        self.has(Hook::MessageDelivered) || self.has(Hook::MessageAcked) || self.has(Hook::SessionSubscribed)
+        let fetches = self
+            .rules(Hook::SessionSubscribed)
+            .iter()
+            .any(|b| b.rule.builtin().is_some_and(|f| f.delivers_stored() && f != Builtin::RetainLookup));
+        self.has(Hook::MessageDelivered) || self.has(Hook::MessageAcked) || fetches
     }
 
     /// When the database keeps retained messages and serves lookups, the router must not
