@@ -517,7 +517,7 @@ async fn pgsql() {
 }
 
 async fn redis_bench() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let url = redis_url();
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut c = client.get_multiplexed_tokio_connection().await.expect("Redis");
     let n = 200_000u64;
@@ -563,23 +563,7 @@ async fn redis_bench() {
         let _: () = p.query_async(&mut c).await.unwrap();
     }
     let ceiling = n as f64 / t0.elapsed().as_secs_f64();
-    let info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
-    let server = match info.addr {
-        redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
-        _ => "127.0.0.1:6379".into(),
-    };
-    let rule = r##"{"topic": "#", "action": {"function": "on_message_publish"}, "expired_time": 600, "pool": "pool1"}"##;
-    let (_d, ours) = our_broker(
-        Some((
-            "redis",
-            format!(
-                "backend.redis.pool1.server = {server}\nbackend.redis.pool1.database = {}\nbackend.redis.hook.message.publish.1 = {rule}\n",
-                info.redis.db
-            ),
-        )),
-        "",
-    )
-    .await;
+    let (_d, ours) = our_broker(Some(("redis", redis_plugin())), "").await;
     let tag = format!("rd{}", mqtt_persist::hooks::now_ms());
     let rate = persisted(ours.addr, 4, n / 4, &tag).await;
     let mut stored = 0i64;
@@ -600,6 +584,24 @@ async fn redis_bench() {
         ceiling,
         "msg/s",
     );
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// The Redis plugin conf for the broker under test: `on_message_publish` on every topic.
+fn redis_plugin() -> String {
+    let info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(redis_url().as_str()).unwrap();
+    let server = match info.addr {
+        redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
+        _ => "127.0.0.1:6379".into(),
+    };
+    let rule = r##"{"topic": "#", "action": {"function": "on_message_publish"}, "expired_time": 600, "pool": "pool1"}"##;
+    format!(
+        "backend.redis.pool1.server = {server}\nbackend.redis.pool1.database = {}\nbackend.redis.hook.message.publish.1 = {rule}\n",
+        info.redis.db
+    )
 }
 
 /// The same PostgreSQL load with PUBACK-after-commit vs asynchronous writes (until all rows landed).
@@ -656,6 +658,7 @@ async fn latency() {
                 PUBLISH_RULE
             ),
         ),
+        Ok("redis") => ("redis", redis_plugin()),
         _ => ("pgsql", format!("{pool}backend.pgsql.hook.message.publish.1 = {PUBLISH_RULE}\n")),
     };
     let (_d1, with_db) = our_broker(Some(plugin), &extra).await;

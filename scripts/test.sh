@@ -63,7 +63,7 @@ fi
 [ -n "$skip" ] && log "skipping backends: $skip"
 log "cargo test"
 status=0
-cargo test --all-targets "$@" 2>&1 | tee "${TMPDIR:-/tmp}/mqtt-persist-test.log" || status=$?
+cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "${TMPDIR:-/tmp}/mqtt-persist-test.log" || status=$?
 passed=$(grep -Eo '[0-9]+ passed' "${TMPDIR:-/tmp}/mqtt-persist-test.log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "${TMPDIR:-/tmp}/mqtt-persist-test.log" | awk '{s+=$1} END {print s+0}')
 [ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && failed=1

@@ -17,7 +17,22 @@ pub struct Broker {
     accept: tokio::task::JoinHandle<()>,
     /// MQTT connections run here, apart from database work, so a busy writer never delays
     /// a packet (and a router send that blocks never stalls a database task).
-    conn_rt: Option<tokio::runtime::Runtime>,
+    _conn_rt: Background,
+    /// Database work: write queues, pools and their connection tasks, TTL cleanup, control
+    /// channels, apart from the connections and from whatever runtime called [`start`].
+    _storage_rt: Background,
+}
+
+/// A runtime that may be dropped from async code (it shuts down in the background), including
+/// when `start` fails halfway.
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Broker {
@@ -30,9 +45,6 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.accept.abort();
-        if let Some(rt) = self.conn_rt.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -107,50 +119,75 @@ fn spawn_ttl_cleanup(pool: std::sync::Weak<Pool>, ttl: std::time::Duration) {
 /// all its errors and the running one stays.
 pub async fn reload(engine: &Arc<Engine>, etc: &std::path::Path, overrides: &crate::config::Overrides) -> Result<usize, String> {
     let conf = Config::load(etc, overrides).map_err(|e| e.to_string())?;
-    let dispatcher = build_dispatcher(&conf, &engine.metrics)
-        .await
-        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
     let rules = conf.rules().count();
-    let dispatcher = Arc::new(dispatcher);
-    let weak = Arc::downgrade(engine);
-    let sink: crate::backends::ControlSink = Arc::new(move |clientid, cmd| weak.upgrade().is_some_and(|e| e.control(clientid, cmd)));
-    for p in &dispatcher.pools {
-        p.backend.start_control(sink.clone());
-    }
+    let dispatcher = prepare(&engine.storage, conf, engine.metrics.clone()).await?;
+    start_control(engine, &dispatcher);
     engine.set_dispatcher(dispatcher);
     Ok(rules)
 }
 
-pub async fn start(conf: &Config) -> Result<Broker, String> {
-    let registry = Arc::new(Registry::default());
-    let dispatcher = build_dispatcher(conf, &registry)
+/// Builds the dispatcher on the storage runtime, so pools, writers and their connection
+/// tasks live there.
+async fn prepare(storage: &tokio::runtime::Handle, conf: Config, registry: Arc<Registry>) -> Result<Arc<Dispatcher>, String> {
+    storage
+        .spawn(async move { build_dispatcher(&conf, &registry).await })
         .await
-        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))?;
-    let listener = broker::bind(&conf.broker.listen).await?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let conn_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .thread_name("mqtt-conn")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the connection runtime: {e}"))?;
-    let listener = listener.into_std().map_err(|e| e.to_string())?;
-    let dispatcher = Arc::new(dispatcher);
-    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry);
-    let weak = Arc::downgrade(&engine);
+        .map_err(|e| format!("pool setup failed: {e}"))?
+        .map(Arc::new)
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+}
+
+/// Starts each pool's control channel (server-side subscribe) on the storage runtime.
+fn start_control(engine: &Arc<Engine>, dispatcher: &Dispatcher) {
+    let weak = Arc::downgrade(engine);
     let sink: crate::backends::ControlSink = Arc::new(move |clientid, cmd| weak.upgrade().is_some_and(|e| e.control(clientid, cmd)));
+    let _in_storage = engine.storage.enter();
     for p in &dispatcher.pools {
         p.backend.start_control(sink.clone());
     }
+}
+
+/// One worker per two cores (at least one): database work is mostly waiting on the network,
+/// and a small runtime keeps its wake-ups off the cores that route and deliver.
+fn storage_runtime() -> Result<tokio::runtime::Runtime, String> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads((cores / 2).max(1))
+        .thread_name("mqtt-store")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the storage runtime: {e}"))
+}
+
+pub async fn start(conf: &Config) -> Result<Broker, String> {
+    let registry = Arc::new(Registry::default());
+    let storage_rt = Background(Some(storage_runtime()?));
+    let storage = storage_rt.0.as_ref().expect("just built").handle().clone();
+    let dispatcher = prepare(&storage, conf.clone(), registry.clone()).await?;
+    let listener = broker::bind(&conf.broker.listen).await?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let conn_rt = Background(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("mqtt-conn")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the connection runtime: {e}"))?,
+    ));
+    let conn = conn_rt.0.as_ref().expect("just built").handle().clone();
+    let listener = listener.into_std().map_err(|e| e.to_string())?;
+    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage);
+    start_control(&engine, &dispatcher);
     let accept = {
-        let _guard = conn_rt.enter();
+        let _guard = conn.enter();
         let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-        conn_rt.spawn(broker::accept_loop(listener, engine.clone()))
+        conn.spawn(broker::accept_loop(listener, engine.clone()))
     };
     Ok(Broker {
         addr,
         engine,
         accept,
-        conn_rt: Some(conn_rt),
+        _conn_rt: conn_rt,
+        _storage_rt: storage_rt,
     })
 }

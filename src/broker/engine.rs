@@ -39,6 +39,8 @@ pub struct Engine {
     internal: Mutex<Option<LinkTx>>,
     /// Bumped on every reload so connections pick up the new dispatcher.
     generation: AtomicU64,
+    /// The runtime of database work (writers, pools, cleanup), apart from connections.
+    pub storage: tokio::runtime::Handle,
 }
 
 /// Router settings whose memory stays bounded: each topic's commitlog holds at most
@@ -55,7 +57,7 @@ pub fn router_config() -> RouterConfig {
 }
 
 impl Engine {
-    pub fn new(conf: BrokerConf, dispatcher: Arc<Dispatcher>, metrics: Arc<Registry>) -> Arc<Engine> {
+    pub fn new(conf: BrokerConf, dispatcher: Arc<Dispatcher>, metrics: Arc<Registry>, storage: tokio::runtime::Handle) -> Arc<Engine> {
         let router_tx = Router::new(conf.node_id as usize, router_config()).spawn();
         let links: LinkFactory = Box::new(move |id, clean| {
             LinkBuilder::new(id, router_tx.clone())
@@ -75,6 +77,7 @@ impl Engine {
             next_conn: AtomicU64::new(1),
             internal: Mutex::new(None),
             generation: AtomicU64::new(0),
+            storage,
         });
         engine.start_internal_link();
         engine
