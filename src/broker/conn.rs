@@ -222,7 +222,8 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         Notification::DeviceAck(ack) => matches!(Packet::from(ack), Packet::ConnAck(ConnAck { session_present: true, .. }, _)),
         _ => false,
     };
-    let connected_at = now_ms();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let (conn_id, connected_at) = engine.register(&clientid, now_ms(), ctl_tx);
     let client = Arc::new(Client {
         clientid: clientid.as_str().into(),
         username: login.map(|l| Arc::from(l.username.as_str())).filter(|u: &Arc<str>| !u.is_empty()),
@@ -247,8 +248,6 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         HashMap::new()
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
-    let conn_id = engine.register(&clientid, ctl_tx);
     let generation = engine.generation();
     let d = engine.dispatcher();
     let mut s = Session {

@@ -34,7 +34,7 @@ pub struct Engine {
     pub metrics: Arc<Registry>,
     /// Subscriptions of persistent sessions, while the router keeps the session.
     pub sessions: Mutex<HashMap<String, HashMap<String, u8>>>,
-    clients: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Control>)>>,
+    clients: Mutex<HashMap<String, Live>>,
     next_conn: AtomicU64,
     internal: Mutex<Option<LinkTx>>,
     /// Bumped on every reload so connections pick up the new dispatcher.
@@ -42,6 +42,9 @@ pub struct Engine {
     /// The runtime of database work (writers, pools, cleanup), apart from connections.
     pub storage: tokio::runtime::Handle,
 }
+
+/// A live connection: its id, its `connected_at`, its control channel.
+type Live = (u64, i64, mpsc::UnboundedSender<Control>);
 
 /// Router settings whose memory stays bounded: each topic's commitlog holds at most
 /// `max_segment_size × max_segment_count` bytes (older data of offline persistent sessions is
@@ -126,22 +129,30 @@ impl Engine {
     }
 
     /// Registers a live connection; returns its unique id.
-    pub fn register(&self, clientid: &str, tx: mpsc::UnboundedSender<Control>) -> u64 {
+    /// Registers a new connection of `clientid`; returns its connection id and `connected_at`.
+    /// A takeover within the same millisecond gets a later `connected_at` than the connection
+    /// it replaces: the stored state's takeover guard tells connections apart by it.
+    pub fn register(&self, clientid: &str, now_ms: i64, tx: mpsc::UnboundedSender<Control>) -> (u64, i64) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.clients.lock().insert(clientid.to_string(), (id, tx));
-        id
+        let mut clients = self.clients.lock();
+        let at = match clients.get(clientid) {
+            Some((_, prev, _)) if *prev >= now_ms => prev + 1,
+            _ => now_ms,
+        };
+        clients.insert(clientid.to_string(), (id, at, tx));
+        (id, at)
     }
 
     pub fn unregister(&self, clientid: &str, id: u64) {
         let mut c = self.clients.lock();
-        if c.get(clientid).is_some_and(|(i, _)| *i == id) {
+        if c.get(clientid).is_some_and(|(i, _, _)| *i == id) {
             c.remove(clientid);
         }
     }
 
     /// Sends a control command to a connected client; false if it is not connected here.
     pub fn control(&self, clientid: &str, cmd: Control) -> bool {
-        self.clients.lock().get(clientid).is_some_and(|(_, tx)| tx.send(cmd).is_ok())
+        self.clients.lock().get(clientid).is_some_and(|(_, _, tx)| tx.send(cmd).is_ok())
     }
 }
 
