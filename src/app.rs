@@ -1,7 +1,7 @@
 //! Wiring: configuration → pools and queues → dispatcher → engine → listener.
 //! Used by `mqtt-persist run` and by the tests, which start brokers in-process on port 0.
 
-use crate::backends::queue::{Spool, WriteQueue};
+use crate::backends::queue::{Spool, WriteQueue, WriterConf};
 use crate::broker::{self, Engine};
 use crate::config::{ConfError, Config};
 use crate::hooks::{Dispatcher, Pool};
@@ -70,13 +70,13 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Disp
                         },
                         None => None,
                     };
-                    let queue = WriteQueue::spawn(
-                        backend.clone(),
-                        conf.broker.queue_capacity,
-                        conf.broker.batch_size,
-                        conf.broker.batch_linger,
-                        spool,
-                    );
+                    let writer = WriterConf {
+                        capacity: conf.broker.queue_capacity,
+                        batch_size: conf.broker.batch_size,
+                        linger: conf.broker.batch_linger,
+                        timeout: conf.broker.write_timeout,
+                    };
+                    let queue = WriteQueue::spawn(backend.clone(), writer, spool);
                     pools.insert(pool.label(), Arc::new(Pool { backend, queue }));
                 }
                 Err(e) => errors.push(e),

@@ -43,6 +43,77 @@ async fn a_postgres_kill_loses_no_acknowledged_message_and_drops_no_client() {
     assert!(log.contains("database is back"), "{log}");
 }
 
+/// PostgreSQL stops answering without closing anything (SIGSTOP: a hung server or a network
+/// partition). Writes time out, the circuit opens, the spool keeps PUBACKs flowing, a client
+/// subscribing mid-outage gets its live traffic at once instead of waiting out the fetch
+/// timeout, and after the thaw every acknowledged message is a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_postgres_opens_the_circuit_and_nothing_waits_on_it() {
+    if skipped("pgsql") {
+        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let pg = std::sync::Arc::new(PgServer::start());
+    let spool = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "{}backend.pgsql.spool.dir = {}
+\
+         backend.pgsql.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"pool\": \"pool1\"}}\n",
+        // Connecting to a frozen server hangs too: for the stock 5 s, not the other tests' 1 s.
+        pg_conf(pg.port).replace("connect_timeout = 1000", "connect_timeout = 5000"),
+        spool.path().display()
+    );
+    let fetch_timeout = Duration::from_secs(8);
+    let broker = BrokerProc::start_with(
+        "pgsql",
+        &conf,
+        &format!(
+            "persist.write_timeout = 1000\npersist.fetch_timeout = {}\n",
+            fetch_timeout.as_millis()
+        ),
+    );
+    let topic = unique("freeze/");
+    // Frozen from 2 s to 10 s; at 5 s (the first write timed out at ~3 s) a client subscribes.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port()).parse().unwrap();
+    let filter = format!("{topic}/#");
+    let subscriber = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut sub = connect(addr, &unique("frozen-sub"), true).await;
+        let t0 = Instant::now();
+        sub.subscribe(&filter, QoS::AtLeastOnce).await;
+        sub.next(fetch_timeout + Duration::from_secs(2)).await;
+        t0.elapsed()
+    });
+    let (p1, p2) = (pg.clone(), pg.clone());
+    let events: Vec<(u64, Box<dyn FnMut() + Send>)> = vec![(2, Box::new(move || p1.freeze())), (10, Box::new(move || p2.thaw()))];
+    let (sent, acked) = steady_publisher(broker.port(), &topic, 13, events).await;
+    assert_eq!(acked, sent);
+    let waited = subscriber.await.unwrap();
+    assert!(
+        waited < Duration::from_secs(2),
+        "a subscriber during the outage waited {waited:?} for live traffic (fetch timeout {fetch_timeout:?}):\n{}",
+        broker.log()
+    );
+    let db = pg_connect(&pg.url().parse().unwrap()).await;
+    let pattern = format!("{topic}/%");
+    let rows = eventually("every acknowledged message stored after the thaw", Duration::from_secs(30), || {
+        let (db, pattern) = (&db, &pattern);
+        async move {
+            let rows: i64 = db
+                .query_one("SELECT count(*) FROM mqtt_msg WHERE topic LIKE $1", &[pattern])
+                .await
+                .unwrap()
+                .get(0);
+            (rows as u64 >= acked).then_some(rows)
+        }
+    })
+    .await;
+    assert_eq!(rows as u64, acked, "rows in mqtt_msg = PUBACKs received");
+    let log = broker.log();
+    assert_eq!(log.matches("database write failed").count(), 1, "one error per outage:\n{log}");
+    assert!(log.contains("spooled writes replayed"), "{log}");
+}
+
 fn redis_conf(port: u16) -> String {
     format!(
         "backend.redis.pool1.server = 127.0.0.1:{port}\n\

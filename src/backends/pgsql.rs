@@ -159,8 +159,8 @@ impl PgBackend {
         Ok(backend)
     }
 
-    async fn client(&self) -> BResult<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(pool_err)
+    async fn client(&self) -> BResult<Conn> {
+        self.pool.get().await.map(|c| Conn(Some(c))).map_err(pool_err)
     }
 
     async fn exec(
@@ -538,169 +538,223 @@ impl Backend for PgBackend {
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
         Box::pin(async move {
             let c = self.client().await?;
-            let mut i = 0;
-            while i < ops.len() {
-                let kind = std::mem::discriminant(&ops[i]);
-                let mut j = i + 1;
-                while j < ops.len() && std::mem::discriminant(&ops[j]) == kind {
-                    j += 1;
-                }
-                let run = &ops[i..j];
-                let r = match &ops[i] {
-                    WriteOp::StoreMessage { .. } | WriteOp::StoreLatest { .. } => {
-                        let table = if matches!(ops[i], WriteOp::StoreMessage { .. }) {
-                            "mqtt_msg"
-                        } else {
-                            "mqtt_latest"
-                        };
-                        let mut msgs: Vec<&Arc<Message>> = run
-                            .iter()
-                            .filter_map(|o| match o {
-                                WriteOp::StoreMessage { msg, .. } | WriteOp::StoreLatest { msg, .. } => Some(msg),
-                                _ => None,
-                            })
-                            .collect();
-                        if table == "mqtt_latest" {
-                            dedupe_newest(&mut msgs);
-                        }
-                        self.store_many(&c, table, &msgs).await.map(|_| ())
+            let r = async {
+                let mut i = 0;
+                while i < ops.len() {
+                    let kind = std::mem::discriminant(&ops[i]);
+                    let mut j = i + 1;
+                    while j < ops.len() && std::mem::discriminant(&ops[j]) == kind {
+                        j += 1;
                     }
-                    WriteOp::RetainUpsert { .. } => {
-                        let mut msgs: Vec<&Arc<Message>> = run
-                            .iter()
-                            .filter_map(|o| match o {
-                                WriteOp::RetainUpsert { msg } => Some(msg),
-                                _ => None,
-                            })
-                            .collect();
-                        dedupe_newest(&mut msgs);
-                        self.retain_many(&c, &msgs).await.map(|_| ())
-                    }
-                    WriteOp::AdvancePointer { .. } => {
-                        let refs: Vec<&WriteOp> = run.iter().collect();
-                        self.advance_many(&c, &refs).await.map(|_| ())
-                    }
-                    _ => {
-                        let mut r = Ok(());
-                        for op in run {
-                            r = self.single(&c, op).await;
-                            if r.is_err() {
-                                break;
+                    let run = &ops[i..j];
+                    let r = match &ops[i] {
+                        WriteOp::StoreMessage { .. } | WriteOp::StoreLatest { .. } => {
+                            let table = if matches!(ops[i], WriteOp::StoreMessage { .. }) {
+                                "mqtt_msg"
+                            } else {
+                                "mqtt_latest"
+                            };
+                            let mut msgs: Vec<&Arc<Message>> = run
+                                .iter()
+                                .filter_map(|o| match o {
+                                    WriteOp::StoreMessage { msg, .. } | WriteOp::StoreLatest { msg, .. } => Some(msg),
+                                    _ => None,
+                                })
+                                .collect();
+                            if table == "mqtt_latest" {
+                                dedupe_newest(&mut msgs);
                             }
+                            self.store_many(&c, table, &msgs).await.map(|_| ())
                         }
-                        r
-                    }
-                };
-                r.map_err(|e| classify(&e))?;
-                i = j;
+                        WriteOp::RetainUpsert { .. } => {
+                            let mut msgs: Vec<&Arc<Message>> = run
+                                .iter()
+                                .filter_map(|o| match o {
+                                    WriteOp::RetainUpsert { msg } => Some(msg),
+                                    _ => None,
+                                })
+                                .collect();
+                            dedupe_newest(&mut msgs);
+                            self.retain_many(&c, &msgs).await.map(|_| ())
+                        }
+                        WriteOp::AdvancePointer { .. } => {
+                            let refs: Vec<&WriteOp> = run.iter().collect();
+                            self.advance_many(&c, &refs).await.map(|_| ())
+                        }
+                        _ => {
+                            let mut r = Ok(());
+                            for op in run {
+                                r = self.single(&c, op).await;
+                                if r.is_err() {
+                                    break;
+                                }
+                            }
+                            r
+                        }
+                    };
+                    r.map_err(|e| classify(&e))?;
+                    i = j;
+                }
+                Ok(())
             }
-            Ok(())
+            .await;
+            c.release();
+            r
         })
     }
 
     fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
         Box::pin(async move {
             let c = self.client().await?;
-            let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
-            let max = req.opts.max_returned_count;
-            let filter = &*req.filter;
-            let msgs = match req.kind {
-                FetchKind::Pointer => {
-                    let rows = self
-                        .query(
-                            &c,
-                            "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2",
-                            &[Type::TEXT, Type::TEXT],
-                            &[&&*req.clientid, &filter],
-                        )
-                        .await
-                        .map_err(|e| classify(&e))?;
-                    match rows.first().map(|r| r.get::<_, i64>(0)) {
-                        Some(p) => self.scan(&c, "mqtt_msg", filter, p, since, max).await?,
-                        None => {
-                            // First subscription: start the pointer at the newest stored message.
-                            let newest = self.scan(&c, "mqtt_msg", filter, i64::MIN, i64::MIN, Some(1)).await?;
-                            let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
-                            self.exec(
+            let r = async {
+                let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
+                let max = req.opts.max_returned_count;
+                let filter = &*req.filter;
+                let msgs = match req.kind {
+                    FetchKind::Pointer => {
+                        let rows = self
+                            .query(
                                 &c,
-                                "INSERT INTO mqtt_acked (clientid, topic, mid) VALUES ($1, $2, $3) ON CONFLICT (clientid, topic) DO NOTHING",
-                                &[Type::TEXT, Type::TEXT, Type::INT8],
-                                &[&&*req.clientid, &filter, &mid],
+                                "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2",
+                                &[Type::TEXT, Type::TEXT],
+                                &[&&*req.clientid, &filter],
                             )
                             .await
                             .map_err(|e| classify(&e))?;
-                            if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
-                                self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?
-                            } else {
-                                Vec::new()
+                        match rows.first().map(|r| r.get::<_, i64>(0)) {
+                            Some(p) => self.scan(&c, "mqtt_msg", filter, p, since, max).await?,
+                            None => {
+                                // First subscription: start the pointer at the newest stored message.
+                                let newest = self.scan(&c, "mqtt_msg", filter, i64::MIN, i64::MIN, Some(1)).await?;
+                                let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
+                                self.exec(
+                                    &c,
+                                    "INSERT INTO mqtt_acked (clientid, topic, mid) VALUES ($1, $2, $3) ON CONFLICT (clientid, topic) DO NOTHING",
+                                    &[Type::TEXT, Type::TEXT, Type::INT8],
+                                    &[&&*req.clientid, &filter, &mid],
+                                )
+                                .await
+                                .map_err(|e| classify(&e))?;
+                                if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
+                                    self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?
+                                } else {
+                                    Vec::new()
+                                }
                             }
                         }
                     }
-                }
-                FetchKind::Queue => self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?,
-                FetchKind::KeepLatest => self.scan(&c, "mqtt_latest", filter, i64::MIN, since, max).await?,
-            };
-            let mut msgs = keep_newest(msgs, max);
-            msgs.reverse();
-            Ok(msgs)
+                    FetchKind::Queue => self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?,
+                    FetchKind::KeepLatest => self.scan(&c, "mqtt_latest", filter, i64::MIN, since, max).await?,
+                };
+                let mut msgs = keep_newest(msgs, max);
+                msgs.reverse();
+                Ok(msgs)
+            }
+            .await;
+            c.release();
+            r
         })
     }
 
     fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
         Box::pin(async move {
             let c = self.client().await?;
-            let mut v = self.scan(&c, "mqtt_retain", filter, i64::MIN, i64::MIN, None).await?;
-            v.reverse();
-            Ok(v)
+            let r = async {
+                let mut v = self.scan(&c, "mqtt_retain", filter, i64::MIN, i64::MIN, None).await?;
+                v.reverse();
+                Ok(v)
+            }
+            .await;
+            c.release();
+            r
         })
     }
 
     fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
         Box::pin(async move {
             let c = self.client().await?;
-            let rows = self
-                .query(
-                    &c,
-                    "SELECT topic, qos::int8 FROM mqtt_sub WHERE clientid = $1 ORDER BY id",
-                    &[Type::TEXT],
-                    &[&clientid],
-                )
-                .await
-                .map_err(|e| classify(&e))?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).clamp(0, 2) as u8))
-                .collect())
+            let r = async {
+                let rows = self
+                    .query(
+                        &c,
+                        "SELECT topic, qos::int8 FROM mqtt_sub WHERE clientid = $1 ORDER BY id",
+                        &[Type::TEXT],
+                        &[&clientid],
+                    )
+                    .await
+                    .map_err(|e| classify(&e))?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).clamp(0, 2) as u8))
+                    .collect())
+            }
+            .await;
+            c.release();
+            r
         })
     }
 
     fn delete_expired(&self, before_ms: i64) -> BoxFuture<'_, BResult<u64>> {
         Box::pin(async move {
             let c = self.client().await?;
-            let mut total = 0;
-            loop {
-                let n = self
-                    .exec(
-                        &c,
-                        "DELETE FROM mqtt_msg WHERE id IN (SELECT id FROM mqtt_msg WHERE arrived < $1 LIMIT 5000)",
-                        &[Type::INT8],
-                        &[&before_ms],
-                    )
-                    .await
-                    .map_err(|e| classify(&e))?;
-                total += n;
-                if n < 5000 {
-                    return Ok(total);
+            let r = async {
+                let mut total = 0;
+                loop {
+                    let n = self
+                        .exec(
+                            &c,
+                            "DELETE FROM mqtt_msg WHERE id IN (SELECT id FROM mqtt_msg WHERE arrived < $1 LIMIT 5000)",
+                            &[Type::INT8],
+                            &[&before_ms],
+                        )
+                        .await
+                        .map_err(|e| classify(&e))?;
+                    total += n;
+                    if n < 5000 {
+                        return Ok(total);
+                    }
                 }
             }
+            .await;
+            c.release();
+            r
         })
     }
 
     fn ping(&self) -> BoxFuture<'_, BResult<()>> {
         Box::pin(async move {
             let c = self.client().await?;
-            c.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| classify(&e))
+            let r = async { c.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| classify(&e)) }.await;
+            c.release();
+            r
         })
+    }
+}
+
+/// A pooled connection that leaves the pool if the operation using it is abandoned (dropped
+/// mid-request by a write or read timeout): its request may still be pending, and the next
+/// user would queue behind a server that stopped answering. Operations that ran to their end,
+/// successful or not, [`release`](Conn::release) it back to the pool.
+struct Conn(Option<deadpool_postgres::Object>);
+
+impl Conn {
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("held until released")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(abandoned) = self.0.take() {
+            drop(deadpool_postgres::Object::take(abandoned));
+        }
     }
 }
 

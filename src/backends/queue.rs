@@ -6,8 +6,10 @@
 //! carry a [`Ticket`]; the ticket fires when every job holding it is done, which is how the
 //! no-loss mode sends a PUBACK only after the message is committed.
 
-use super::{Backend, WriteOp};
+use super::health::{jitter, Health};
+use super::{BResult, Backend, BackendError, WriteOp};
 use crate::metrics::{PoolMetrics, RuleMetrics};
+use futures::future::BoxFuture;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +58,17 @@ pub struct WriteQueue {
     tx: mpsc::Sender<Job>,
     label: Arc<str>,
     pub metrics: Arc<PoolMetrics>,
+    /// The pool's circuit breaker, shared with the reads of subscribe/connect rules.
+    pub health: Arc<Health>,
+}
+
+/// How the writer batches and how long it waits for the database.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConf {
+    pub capacity: usize,
+    pub batch_size: usize,
+    pub linger: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -67,16 +80,28 @@ pub enum Enqueue {
 
 impl WriteQueue {
     /// Start the writer task for `backend`.
-    pub fn spawn(backend: Arc<dyn Backend>, capacity: usize, batch_size: usize, linger: Duration, spool: Option<Spool>) -> WriteQueue {
-        let (tx, rx) = mpsc::channel(capacity);
+    pub fn spawn(backend: Arc<dyn Backend>, conf: WriterConf, spool: Option<Spool>) -> WriteQueue {
+        let (tx, rx) = mpsc::channel(conf.capacity);
         let label: Arc<str> = backend.label().into();
         let metrics = Arc::new(PoolMetrics {
             label: label.to_string(),
             ..Default::default()
         });
-        metrics.connected.store(true, Relaxed);
-        tokio::spawn(writer(backend, rx, batch_size, linger, metrics.clone(), spool));
-        WriteQueue { tx, label, metrics }
+        let health = Arc::new(Health::new(metrics.clone()));
+        let w = Writer {
+            backend,
+            health: health.clone(),
+            metrics: metrics.clone(),
+            timeout: conf.timeout,
+            outage: None,
+        };
+        tokio::spawn(w.run(rx, conf.batch_size, conf.linger, spool));
+        WriteQueue {
+            tx,
+            label,
+            metrics,
+            health,
+        }
     }
 
     /// Waits for room: back-pressure for no-loss writes.
@@ -100,10 +125,8 @@ impl WriteQueue {
                     mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
                 };
                 RuleMetrics::inc(&job.rule.dropped);
-                rate_limited_warn(&format!(
-                    "write queue of {} is full: dropped a write of rule {}",
-                    self.label, job.rule.label
-                ));
+                static FULL: RateLimited = RateLimited::new();
+                FULL.warn(|| format!("write queue of {} is full: dropped a write of rule {}", self.label, job.rule.label));
                 Enqueue::Dropped
             }
         }
@@ -119,128 +142,244 @@ impl WriteQueue {
     }
 }
 
-fn rate_limited_warn(msg: &str) {
-    use std::sync::atomic::AtomicU64;
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::hooks::now_ms() as u64;
-    let last = LAST.load(Relaxed);
-    if now.saturating_sub(last) >= 5000 && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
-        tracing::warn!("{msg}");
+/// A warning logged at most once per 5 s (an outage would otherwise flood the log); one
+/// `static` per kind of warning, so one kind never hides another.
+pub(crate) struct RateLimited(std::sync::atomic::AtomicU64);
+
+impl RateLimited {
+    pub(crate) const fn new() -> RateLimited {
+        RateLimited(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
+        let now = crate::hooks::now_ms() as u64;
+        let last = self.0.load(Relaxed);
+        if now.saturating_sub(last) >= 5000 && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+            tracing::warn!("{}", msg());
+        }
     }
 }
 
-async fn writer(
+/// Bounds one database call: no answer within `limit` is a transient failure.
+pub async fn timed<T>(limit: Duration, f: BoxFuture<'_, BResult<T>>) -> BResult<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| Err(BackendError::transient(format!("no answer within {} ms", limit.as_millis()))))
+}
+
+struct Writer {
     backend: Arc<dyn Backend>,
-    mut rx: mpsc::Receiver<Job>,
-    batch_size: usize,
-    linger: Duration,
+    health: Arc<Health>,
     metrics: Arc<PoolMetrics>,
-    mut spool: Option<Spool>,
-) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
-    let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
-    let mut outage: Option<Outage> = None;
-    let mut replay_delay = Duration::from_millis(200);
-    loop {
-        let spooling = spool.as_ref().is_some_and(Spool::pending);
-        if spooling {
-            // Writes wait on disk: replay them (in order, before anything newer) once the
-            // database answers; meanwhile new writes join the spool.
-            if try_replay(&*backend, spool.as_mut().expect("pending spool")).await {
-                tracing::info!(pool = backend.label(), "spooled writes replayed");
-                outage = None;
-                metrics.connected.store(true, Relaxed);
-                replay_delay = Duration::from_millis(200);
-            } else {
-                metrics.connected.store(false, Relaxed);
-            }
-        }
-        let spooling = spool.as_ref().is_some_and(Spool::pending);
-        let received = if spooling {
-            match tokio::time::timeout(jitter(replay_delay), rx.recv_many(&mut jobs, batch_size)).await {
-                Ok(n) => n,
-                Err(_) => {
-                    replay_delay = (replay_delay * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            }
-        } else {
-            rx.recv_many(&mut jobs, batch_size).await
-        };
-        if received == 0 {
-            return; // every sender is gone: the pool was replaced or the broker stops
-        }
-        // Group commit under light load: give a small batch a moment to grow, so a steady
-        // trickle costs the database a few transactions per second instead of one per message.
-        if jobs.len() < batch_size / 8 && !linger.is_zero() {
-            let deadline = tokio::time::Instant::now() + linger;
-            while jobs.len() < batch_size {
-                let room = batch_size - jobs.len();
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut jobs, room)).await {
-                    Ok(n) if n > 0 => {}
-                    _ => break,
-                }
-            }
-        }
-        ops.extend(jobs.iter().map(|j| j.op.clone()));
-        metrics.in_flight.store(jobs.len() as u64, Relaxed);
-        metrics.queue_depth.store(rx.len() as u64, Relaxed);
-        let mut delay = Duration::from_millis(50);
+    timeout: Duration,
+    outage: Option<Outage>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration, mut spool: Option<Spool>) {
+        let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
+        let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
+        let mut replay_delay = Duration::from_millis(200);
         loop {
-            if spool.as_ref().is_some_and(Spool::pending) && spool_jobs(&*backend, spool.as_mut().expect("pending spool"), &ops, &jobs) {
-                break;
+            if let Some(sp) = spool.as_mut().filter(|s| s.pending()) {
+                // Writes wait on disk: replay them (in order, before anything newer) once the
+                // database answers; meanwhile new writes join the spool.
+                if self.replay(sp).await {
+                    tracing::info!(pool = self.backend.label(), "spooled writes replayed");
+                    self.back();
+                    replay_delay = Duration::from_millis(200);
+                }
             }
-            match backend.write(&ops).await {
-                Ok(()) => {
-                    if let Some(o) = outage.take() {
-                        tracing::info!(
-                            pool = backend.label(),
-                            failures = o.failures,
-                            secs = o.since.elapsed().as_secs_f32(),
-                            "database is back; writes resumed"
-                        );
+            let received = if spool.as_ref().is_some_and(Spool::pending) {
+                match tokio::time::timeout(jitter(replay_delay), rx.recv_many(&mut jobs, batch_size)).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        replay_delay = (replay_delay * 2).min(Duration::from_secs(5));
+                        continue;
                     }
-                    metrics.connected.store(true, Relaxed);
-                    for j in &jobs {
+                }
+            } else {
+                rx.recv_many(&mut jobs, batch_size).await
+            };
+            if received == 0 {
+                return; // every sender is gone: the pool was replaced or the broker stops
+            }
+            // Group commit under light load: give a small batch a moment to grow, so a steady
+            // trickle costs the database a few transactions per second instead of one per message.
+            if jobs.len() < batch_size / 8 && !linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + linger;
+                while jobs.len() < batch_size {
+                    let room = batch_size - jobs.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut jobs, room)).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
+            ops.extend(jobs.iter().map(|j| j.op.clone()));
+            self.metrics.in_flight.store(jobs.len() as u64, Relaxed);
+            self.metrics.queue_depth.store(rx.len() as u64, Relaxed);
+            self.commit(&ops, &jobs, &mut spool).await;
+            ops.clear();
+            jobs.clear(); // drops tickets: acks may go out now
+            self.metrics.in_flight.store(0, Relaxed);
+        }
+    }
+
+    /// Writes one batch until it is committed, spooled, or refused by the database.
+    async fn commit(&mut self, ops: &[WriteOp], jobs: &[Job], spool: &mut Option<Spool>) {
+        loop {
+            if let Some(sp) = spool.as_mut().filter(|s| s.pending()) {
+                if spool_jobs(&*self.backend, sp, ops, jobs) {
+                    return;
+                }
+            }
+            match timed(self.timeout, self.backend.write(ops)).await {
+                Ok(()) => {
+                    self.back();
+                    for j in jobs {
                         RuleMetrics::inc(&j.rule.success);
                         j.rule.observe(j.queued_at.elapsed());
                     }
-                    break;
+                    return;
                 }
                 Err(e) if e.transient => {
-                    let o = outage.get_or_insert_with(|| {
-                        // Once per burst, not per message.
-                        tracing::error!(pool = backend.label(), error = %e.message, "database write failed; retrying with backoff");
-                        Outage {
-                            since: Instant::now(),
-                            failures: 0,
-                        }
-                    });
-                    o.failures += 1;
-                    metrics.connected.store(false, Relaxed);
-                    tracing::debug!(pool = backend.label(), error = %e.message, failures = o.failures, "retrying a batch");
+                    let wait = self.down(&e);
                     // With a spool, the batch goes to disk and its acks go out now.
                     if let Some(sp) = spool.as_mut() {
-                        if spool_jobs(&*backend, sp, &ops, &jobs) {
-                            break;
+                        if spool_jobs(&*self.backend, sp, ops, jobs) {
+                            return;
                         }
                     }
-                    for j in &jobs {
+                    for j in jobs {
                         RuleMetrics::inc(&j.rule.retried);
                     }
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    // The circuit is open: probe with a cheap ping instead of resending the
+                    // batch, then resend it once the database answers.
+                    self.probe(wait).await;
                 }
                 Err(e) => {
                     // The data was refused: isolate the bad op so the rest commits.
-                    write_one_by_one(&*backend, &jobs, &e).await;
-                    break;
+                    self.one_by_one(ops, jobs, &e).await;
+                    return;
                 }
             }
         }
-        ops.clear();
-        jobs.clear(); // drops tickets: acks may go out now
-        metrics.in_flight.store(0, Relaxed);
+    }
+
+    /// A transient failure: opens the circuit; logs once per outage, not per batch.
+    fn down(&mut self, e: &BackendError) -> Duration {
+        let label = self.backend.label();
+        let o = self.outage.get_or_insert_with(|| {
+            tracing::error!(pool = label, error = %e.message, "database write failed; retrying with backoff");
+            Outage {
+                since: Instant::now(),
+                failures: 0,
+            }
+        });
+        o.failures += 1;
+        tracing::debug!(pool = label, error = %e.message, failures = o.failures, "write attempt failed");
+        self.health.failed()
+    }
+
+    /// The database answered: close the circuit and say so if it was an outage.
+    fn back(&mut self) {
+        self.health.succeeded();
+        if let Some(o) = self.outage.take() {
+            tracing::info!(
+                pool = self.backend.label(),
+                failures = o.failures,
+                secs = o.since.elapsed().as_secs_f32(),
+                "database is back; writes resumed"
+            );
+        }
+    }
+
+    /// Waits, pings, and backs off further until the database answers a ping.
+    async fn probe(&mut self, mut wait: Duration) {
+        loop {
+            tokio::time::sleep(wait).await;
+            match timed(self.timeout, self.backend.ping()).await {
+                Ok(()) => return,
+                Err(e) => wait = self.down(&e),
+            }
+        }
+    }
+
+    /// Writes every spooled batch in order; clears the spool when all landed.
+    async fn replay(&mut self, sp: &mut Spool) -> bool {
+        if let Err(e) = timed(self.timeout, self.backend.ping()).await {
+            self.down(&e);
+            return false;
+        }
+        let batches = match sp.read_all() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(pool = self.backend.label(), error = %e, "cannot read the spool");
+                return false;
+            }
+        };
+        for batch in &batches {
+            match timed(self.timeout, self.backend.write(batch)).await {
+                Ok(()) => {}
+                Err(e) if e.transient => {
+                    self.down(&e);
+                    return false;
+                }
+                Err(_) => {
+                    for op in batch {
+                        match timed(self.timeout, self.backend.write(std::slice::from_ref(op))).await {
+                            Ok(()) => {}
+                            Err(e) if e.transient => {
+                                self.down(&e);
+                                return false;
+                            }
+                            Err(e) => {
+                                tracing::warn!(pool = self.backend.label(), error = %e.message, "spooled write refused by the database")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match sp.clear() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(pool = self.backend.label(), error = %e, "cannot clear the spool");
+                false
+            }
+        }
+    }
+
+    /// After a refused batch: each op alone, so only the bad one fails.
+    async fn one_by_one(&mut self, ops: &[WriteOp], jobs: &[Job], first: &BackendError) {
+        let backend = self.backend.clone();
+        let label = backend.label();
+        if jobs.len() == 1 {
+            RuleMetrics::inc(&jobs[0].rule.failed);
+            tracing::warn!(pool = label, rule = %jobs[0].rule.label, error = %first.message, "write refused by the database");
+            return;
+        }
+        for (op, j) in ops.iter().zip(jobs) {
+            loop {
+                match timed(self.timeout, self.backend.write(std::slice::from_ref(op))).await {
+                    Ok(()) => {
+                        RuleMetrics::inc(&j.rule.success);
+                        break;
+                    }
+                    Err(e) if e.transient => {
+                        RuleMetrics::inc(&j.rule.retried);
+                        let wait = self.down(&e);
+                        self.probe(wait).await;
+                    }
+                    Err(e) => {
+                        RuleMetrics::inc(&j.rule.failed);
+                        tracing::warn!(pool = label, rule = %j.rule.label, error = %e.message, "write refused by the database");
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -254,52 +393,19 @@ fn spool_jobs(backend: &dyn Backend, sp: &mut Spool, ops: &[WriteOp], jobs: &[Jo
             true
         }
         Ok(false) => {
-            rate_limited_warn(&format!(
-                "spool of {} is full ({} bytes): holding writes in memory",
-                backend.label(),
-                sp.max_bytes
-            ));
+            static FULL: RateLimited = RateLimited::new();
+            FULL.warn(|| {
+                format!(
+                    "spool of {} is full ({} bytes): holding writes in memory",
+                    backend.label(),
+                    sp.max_bytes
+                )
+            });
             false
         }
         Err(e) => {
-            rate_limited_warn(&format!("spool of {} failed: {e}", backend.label()));
-            false
-        }
-    }
-}
-
-/// Writes every spooled batch in order; clears the spool when all landed.
-async fn try_replay(backend: &dyn Backend, sp: &mut Spool) -> bool {
-    if backend.ping().await.is_err() {
-        return false;
-    }
-    let batches = match sp.read_all() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(pool = backend.label(), error = %e, "cannot read the spool");
-            return false;
-        }
-    };
-    for batch in &batches {
-        match backend.write(batch).await {
-            Ok(()) => {}
-            Err(e) if e.transient => return false,
-            Err(_) => {
-                for op in batch {
-                    if let Err(e) = backend.write(std::slice::from_ref(op)).await {
-                        if e.transient {
-                            return false;
-                        }
-                        tracing::warn!(pool = backend.label(), error = %e.message, "spooled write refused by the database");
-                    }
-                }
-            }
-        }
-    }
-    match sp.clear() {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(pool = backend.label(), error = %e, "cannot clear the spool");
+            static FAILED: RateLimited = RateLimited::new();
+            FAILED.warn(|| format!("spool of {} failed: {e}", backend.label()));
             false
         }
     }
@@ -369,43 +475,4 @@ impl Spool {
 struct Outage {
     since: Instant,
     failures: u64,
-}
-
-async fn write_one_by_one(backend: &dyn Backend, jobs: &[Job], first: &super::BackendError) {
-    if jobs.len() == 1 {
-        RuleMetrics::inc(&jobs[0].rule.failed);
-        tracing::warn!(pool = backend.label(), rule = %jobs[0].rule.label, error = %first.message, "write refused by the database");
-        return;
-    }
-    for j in jobs {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match backend.write(std::slice::from_ref(&j.op)).await {
-                Ok(()) => {
-                    RuleMetrics::inc(&j.rule.success);
-                    break;
-                }
-                Err(e) if e.transient => {
-                    RuleMetrics::inc(&j.rule.retried);
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    RuleMetrics::inc(&j.rule.failed);
-                    tracing::warn!(pool = backend.label(), rule = %j.rule.label, error = %e.message, "write refused by the database");
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// ±25 % jitter without an RNG dependency.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let frac = 0.75 + (nanos % 1000) as f64 / 2000.0;
-    d.mul_f64(frac)
 }

@@ -301,6 +301,8 @@ pub struct BrokerConf {
     pub batch_size: usize,
     pub batch_linger: Duration,
     pub fetch_timeout: Duration,
+    /// A write (or probe) with no answer after this is a transient failure: retried, spooled.
+    pub write_timeout: Duration,
     pub max_packet_size: usize,
 }
 
@@ -341,6 +343,7 @@ const BROKER_KEYS: &[&str] = &[
     "persist.batch_size",
     "persist.batch_linger",
     "persist.fetch_timeout",
+    "persist.write_timeout",
     "mqtt.max_packet_size",
 ];
 
@@ -440,6 +443,7 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
     let max_packet_size = num("mqtt.max_packet_size", 1 << 20, 268_435_455) as usize;
     let fetch_timeout = Duration::from_millis(num("persist.fetch_timeout", 5000, 600_000));
     let batch_linger = Duration::from_micros(num("persist.batch_linger", 0, 1_000_000));
+    let write_timeout = Duration::from_millis(num("persist.write_timeout", 10_000, 3_600_000).max(1));
     let mut plugins = Vec::new();
     let load = get("plugins.load", "sqlite");
     for name in load.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -490,6 +494,7 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
         batch_size,
         batch_linger,
         fetch_timeout,
+        write_timeout,
         max_packet_size,
     }
 }

@@ -4,11 +4,13 @@
 
 use super::event::{now_ms, Client, Event, Hook, Message};
 use crate::actions::{Builtin, Command, Statement};
-use crate::backends::queue::{Job, Ticket, WriteQueue};
-use crate::backends::{Backend, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use crate::backends::health::Admit;
+use crate::backends::queue::{timed, Job, RateLimited, Ticket, WriteQueue};
+use crate::backends::{BResult, Backend, FetchKind, FetchRequest, StoredMessage, WriteOp};
 use crate::config::{Action, Config, NoLoss, Rule};
 use crate::metrics::{Registry, RuleMetrics};
 use crate::topic;
+use futures::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -334,8 +336,8 @@ impl Dispatcher {
                     b.pool.backend.fetch(&req).await
                 }
             };
-            match tokio::time::timeout(self.fetch_timeout, read).await {
-                Ok(Ok(msgs)) => {
+            match self.read(&b.pool, Box::pin(read)).await {
+                Ok(msgs) => {
                     RuleMetrics::inc(&b.metrics.success);
                     let retained = f == Builtin::RetainLookup;
                     out.extend(
@@ -344,17 +346,59 @@ impl Dispatcher {
                             .map(|msg| Injection { msg, retained }),
                     );
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     RuleMetrics::inc(&b.metrics.failed);
-                    tracing::warn!(rule = %b.metrics.label, clientid = %client.clientid, error = %e, "subscribe lookup failed");
-                }
-                Err(_) => {
-                    RuleMetrics::inc(&b.metrics.failed);
-                    tracing::warn!(rule = %b.metrics.label, clientid = %client.clientid, "subscribe lookup timed out");
+                    static SKIPPED: RateLimited = RateLimited::new();
+                    SKIPPED.warn(|| {
+                        format!(
+                            "rule {}: stored messages for {} on {filter:?} not read ({e}); live traffic goes on, a later subscription reads them",
+                            b.metrics.label, client.clientid
+                        )
+                    });
                 }
             }
         }
         out
+    }
+
+    /// A read for a subscribe/connect rule, bounded by `persist.fetch_timeout`. While the pool's
+    /// circuit is open it fails at once (and now and then pings in the background), so an
+    /// outage costs subscribers their stored messages for now, not their time.
+    async fn read<T>(&self, pool: &Pool, f: BoxFuture<'_, BResult<T>>) -> Result<T, String> {
+        let health = &pool.queue.health;
+        match health.admit() {
+            Admit::Go => {}
+            Admit::Skip => return Err("the database is unavailable".into()),
+            Admit::Probe => {
+                let (backend, health, limit) = (pool.backend.clone(), health.clone(), self.fetch_timeout);
+                tokio::spawn(async move {
+                    match timed(limit, backend.ping()).await {
+                        Ok(()) => health.succeeded(),
+                        Err(_) => {
+                            health.failed();
+                            false
+                        }
+                    }
+                });
+                return Err("the database is unavailable".into());
+            }
+        }
+        match tokio::time::timeout(self.fetch_timeout, f).await {
+            Ok(Ok(v)) => {
+                health.succeeded();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if e.transient {
+                    health.failed();
+                }
+                Err(e.message)
+            }
+            Err(_) => {
+                health.failed();
+                Err(format!("no answer within {} ms", self.fetch_timeout.as_millis()))
+            }
+        }
     }
 
     /// `on_subscribe_lookup`: the client's stored subscriptions.
@@ -365,8 +409,8 @@ impl Dispatcher {
                 continue;
             }
             RuleMetrics::inc(&b.metrics.matched);
-            match tokio::time::timeout(self.fetch_timeout, b.pool.backend.subscriptions(&client.clientid)).await {
-                Ok(Ok(subs)) => {
+            match self.read(&b.pool, b.pool.backend.subscriptions(&client.clientid)).await {
+                Ok(subs) => {
                     RuleMetrics::inc(&b.metrics.success);
                     for (f, q) in subs {
                         if topic::valid_filter(&f) && !out.iter().any(|(o, _)| *o == f) {
@@ -376,13 +420,15 @@ impl Dispatcher {
                         }
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     RuleMetrics::inc(&b.metrics.failed);
-                    tracing::warn!(rule = %b.metrics.label, error = %e, "subscription lookup failed");
-                }
-                Err(_) => {
-                    RuleMetrics::inc(&b.metrics.failed);
-                    tracing::warn!(rule = %b.metrics.label, "subscription lookup timed out");
+                    static SKIPPED: RateLimited = RateLimited::new();
+                    SKIPPED.warn(|| {
+                        format!(
+                            "rule {}: stored subscriptions of {} not read ({e})",
+                            b.metrics.label, client.clientid
+                        )
+                    });
                 }
             }
         }

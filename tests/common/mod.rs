@@ -225,6 +225,14 @@ impl Client {
         out
     }
 
+    /// The next publish, whatever follows it.
+    pub async fn next(&mut self, wait: Duration) -> rumqttc::Publish {
+        match tokio::time::timeout(wait, self.rx.recv()).await {
+            Ok(Some(p)) => p,
+            _ => panic!("no publish within {wait:?}"),
+        }
+    }
+
     /// Nothing arrives within `wait`.
     pub async fn expect_none(&mut self, wait: Duration) {
         if let Ok(Some(p)) = tokio::time::timeout(wait, self.rx.recv()).await {

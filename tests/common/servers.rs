@@ -128,6 +128,23 @@ impl PgServer {
         let _ = std::fs::remove_file(self.dir.join(format!(".s.PGSQL.{}", self.port)));
     }
 
+    /// SIGSTOP the whole server: it keeps its connections and port but answers nothing, as a
+    /// hung server or a network partition would.
+    pub fn freeze(&self) {
+        self.signal_all("-STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&self, sig: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("postmaster.pid")).unwrap();
+        let pid = pid.lines().next().unwrap().trim().to_string();
+        Command::new("kill").args([sig, &pid]).status().unwrap();
+        let _ = Command::new("pkill").args([sig, "-P", &pid]).status();
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://root@127.0.0.1:{}/postgres", self.port)
     }
