@@ -642,27 +642,48 @@ async fn noloss() {
     );
 }
 
-/// publish→deliver p99 at a fixed rate, with persistence (PostgreSQL, no-loss) vs without:
-/// both brokers run side by side, rounds alternate, the median p99 of 5 rounds is reported
-/// (a single sub-millisecond p99 on 2 shared cores is mostly scheduling noise).
+/// publish→deliver p99 at a fixed rate, with persistence (no-loss) vs without, for each
+/// database (or only `BENCH_LAT_DB`): both brokers run side by side, rounds alternate, the
+/// median p99 of 5 rounds is reported (a single sub-millisecond p99 on 2 shared cores is
+/// mostly scheduling noise).
 async fn latency() {
     let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(5_000);
-    let n = rate * 3;
-    let (_dbname, _c, pool) = pg_fresh_db().await;
     let extra = std::env::var("BENCH_EXTRA").unwrap_or_default().replace(';', "\n");
-    let plugin = match std::env::var("BENCH_LAT_DB").as_deref() {
-        Ok("sqlite") => (
-            "sqlite",
-            format!(
-                "backend.sqlite.pool1.path = data/lat.db\nbackend.sqlite.hook.message.publish.1 = {}\n",
-                PUBLISH_RULE
+    let only = std::env::var("BENCH_LAT_DB").ok();
+    for db in ["sqlite", "redis", "pgsql"] {
+        if only.as_deref().is_some_and(|o| o != db) {
+            continue;
+        }
+        let (_pg, plugin) = match db {
+            "sqlite" => (
+                None,
+                format!("backend.sqlite.pool1.path = data/lat.db\nbackend.sqlite.hook.message.publish.1 = {PUBLISH_RULE}\n"),
             ),
-        ),
-        Ok("redis") => ("redis", redis_plugin()),
-        _ => ("pgsql", format!("{pool}backend.pgsql.hook.message.publish.1 = {PUBLISH_RULE}\n")),
-    };
-    let (_d1, with_db) = our_broker(Some(plugin), &extra).await;
-    let (_d2, without) = our_broker(None, &extra).await;
+            "redis" => (None, redis_plugin()),
+            _ => {
+                let (name, client, pool) = pg_fresh_db().await;
+                (
+                    Some((name, client)),
+                    format!("{pool}backend.pgsql.hook.message.publish.1 = {PUBLISH_RULE}\n"),
+                )
+            }
+        };
+        let (with, without) = p99_side_by_side(rate, (db, plugin), &extra).await;
+        row(
+            &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of 5 alternating rounds)"),
+            &format!("with {db} persistence (no-loss)"),
+            with,
+            "without persistence",
+            without,
+            "µs",
+        );
+    }
+}
+
+async fn p99_side_by_side(rate: u64, plugin: (&str, String), extra: &str) -> (f64, f64) {
+    let n = rate * 3;
+    let (_d1, with_db) = our_broker(Some(plugin), extra).await;
+    let (_d2, without) = our_broker(None, extra).await;
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for round in 0..5 {
         for (addr, out) in [(with_db.addr, &mut a), (without.addr, &mut b)] {
@@ -680,15 +701,7 @@ async fn latency() {
             out.push(v[v.len() * 99 / 100] as f64);
         }
     }
-    let db = std::env::var("BENCH_LAT_DB").unwrap_or_else(|_| "pgsql".into());
-    row(
-        &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of 5 alternating rounds)"),
-        &format!("with {db} persistence"),
-        median(a),
-        "without",
-        median(b),
-        "µs",
-    );
+    (median(a), median(b))
 }
 
 fn rss_kb() -> u64 {

@@ -101,6 +101,23 @@ async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
         body.contains("mqtt_persist_rule_write_latency_seconds_count{rule=\"sqlite.hook.message.publish.1\"} 3"),
         "{body}"
     );
+    // A reload keeps the counters of rules that survive it: the series continues at 4, not 1.
+    broker.signal("-HUP");
+    eventually("reloaded", WAIT, || async {
+        broker.log().contains("configuration reloaded").then_some(())
+    })
+    .await;
+    p.publish(&t, QoS::AtLeastOnce, false, "x").await;
+    eventually("stored after the reload", WAIT, || async {
+        (kit.stored_count(&t).await == 4).then_some(())
+    })
+    .await;
+    let rule_success = "mqtt_persist_rule_success_total{rule=\"sqlite.hook.message.publish.1\"} ";
+    eventually("the success counter continued across the reload", WAIT, || async {
+        let body = http_get(&format!("127.0.0.1:{port}")).await;
+        body.lines().any(|l| l == format!("{rule_success}4")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

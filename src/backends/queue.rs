@@ -6,7 +6,7 @@
 //! carry a [`Ticket`]; the ticket fires when every job holding it is done, which is how the
 //! no-loss mode sends a PUBACK only after the message is committed.
 
-use super::health::{jitter, Health};
+use super::health::{jitter, Health, MAX_BACKOFF, MIN_BACKOFF};
 use super::{BResult, Backend, BackendError, WriteOp};
 use crate::metrics::{PoolMetrics, RuleMetrics};
 use futures::future::BoxFuture;
@@ -179,24 +179,27 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration, mut spool: Option<Spool>) {
         let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
         let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
-        let mut replay_delay = Duration::from_millis(200);
+        // While writes wait in the spool, replay is attempted on a backoff schedule, not per
+        // batch: new batches keep going to disk (and their acks out) in between.
+        let mut replay_delay = MIN_BACKOFF;
+        let mut next_replay = Instant::now();
         loop {
-            if let Some(sp) = spool.as_mut().filter(|s| s.pending()) {
-                // Writes wait on disk: replay them (in order, before anything newer) once the
-                // database answers; meanwhile new writes join the spool.
+            if let Some(sp) = spool.as_mut().filter(|s| s.pending() && Instant::now() >= next_replay) {
+                // Replayed in order, before anything newer, once the database answers.
                 if self.replay(sp).await {
                     tracing::info!(pool = self.backend.label(), "spooled writes replayed");
                     self.back();
-                    replay_delay = Duration::from_millis(200);
+                    replay_delay = MIN_BACKOFF;
+                } else {
+                    next_replay = Instant::now() + jitter(replay_delay);
+                    replay_delay = (replay_delay * 2).min(MAX_BACKOFF);
                 }
             }
             let received = if spool.as_ref().is_some_and(Spool::pending) {
-                match tokio::time::timeout(jitter(replay_delay), rx.recv_many(&mut jobs, batch_size)).await {
+                let until_replay = next_replay.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(until_replay, rx.recv_many(&mut jobs, batch_size)).await {
                     Ok(n) => n,
-                    Err(_) => {
-                        replay_delay = (replay_delay * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
+                    Err(_) => continue,
                 }
             } else {
                 rx.recv_many(&mut jobs, batch_size).await
@@ -295,11 +298,17 @@ impl Writer {
         }
     }
 
+    /// A ping is tiny: a database that needs longer than this to answer one is not healthy, and
+    /// while the spool is in use a probe must not hold up new batches for a whole write timeout.
+    fn probe_timeout(&self) -> Duration {
+        self.timeout.min(Duration::from_secs(2))
+    }
+
     /// Waits, pings, and backs off further until the database answers a ping.
     async fn probe(&mut self, mut wait: Duration) {
         loop {
             tokio::time::sleep(wait).await;
-            match timed(self.timeout, self.backend.ping()).await {
+            match timed(self.probe_timeout(), self.backend.ping()).await {
                 Ok(()) => return,
                 Err(e) => wait = self.down(&e),
             }
@@ -308,7 +317,7 @@ impl Writer {
 
     /// Writes every spooled batch in order; clears the spool when all landed.
     async fn replay(&mut self, sp: &mut Spool) -> bool {
-        if let Err(e) = timed(self.timeout, self.backend.ping()).await {
+        if let Err(e) = timed(self.probe_timeout(), self.backend.ping()).await {
             self.down(&e);
             return false;
         }

@@ -82,12 +82,15 @@ impl Dispatcher {
     pub fn new(conf: &Config, pools: &BTreeMap<String, Arc<Pool>>, registry: &Registry) -> Dispatcher {
         let mut hooks: BTreeMap<Hook, Vec<Bound>> = BTreeMap::new();
         let mut metrics = registry.rules.lock();
-        metrics.clear();
+        // A reload keeps the counters of rules that are still there (same label): Prometheus
+        // series continue instead of resetting to zero.
+        let previous: std::collections::HashMap<String, Arc<RuleMetrics>> = metrics.drain(..).map(|m| (m.label.clone(), m)).collect();
         for rule in conf.rules() {
             let Some(pool) = pools.get(&format!("{}:{}", rule.db, rule.pool)) else {
                 continue;
             };
-            let m = RuleMetrics::new(rule.label());
+            let label = rule.label();
+            let m = previous.get(&label).cloned().unwrap_or_else(|| RuleMetrics::new(label));
             metrics.push(m.clone());
             let (stmts, cmds) = match &rule.action {
                 Action::Statements(s) => (Some(Arc::from(s.clone())), None),
