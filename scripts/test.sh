@@ -15,6 +15,7 @@ command -v mosquitto_sub >/dev/null || need_pkgs+=(mosquitto-clients)
 command -v pg_ctlcluster >/dev/null || need_pkgs+=(postgresql)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v sqlite3 >/dev/null || need_pkgs+=(sqlite3)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   as_root apt-get update -qq

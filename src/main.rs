@@ -125,7 +125,7 @@ fn check(etc: &std::path::Path, connect: bool) -> ExitCode {
             for b in &conf.backends {
                 for p in b.pools.values() {
                     let state = match mqtt_persist::backends::connect(p, &conf.broker.data_dir).await {
-                        Ok(backend) => match backend.ping().await {
+                        Ok(backend) => match mqtt_persist::backends::queue::timed(conf.broker.write_timeout, backend.ping()).await {
                             Ok(()) => "ok".to_string(),
                             Err(e) => format!("error: {e}"),
                         },

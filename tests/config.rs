@@ -303,3 +303,130 @@ fn the_compose_environment_configures_the_shipped_files() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("2 backend(s)"), "{text}");
 }
+
+/// A CA, and a server certificate it signed for `localhost` only, made with the openssl CLI.
+fn make_certs(dir: &std::path::Path, ca_name: &str) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let subj = format!("/CN={ca_name}");
+    run(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", &subj,
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+    ]);
+}
+
+#[test]
+fn postgres_tls_modes_check_what_they_promise() {
+    if skipped("pgsql") {
+        eprintln!("SKIPPED: pgsql TLS test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), "mqtt-persist test CA");
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path(), "some other CA");
+    let pg = common::servers::PgServer::start_tls(&certs.path().join("server.crt"), &certs.path().join("server.key"));
+    let probe = |host: &str, tls: &str| -> (bool, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            "backend.pgsql.pool1.server = {host}:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 3000\n{tls}",
+            pg.port
+        );
+        let etc = write_etc(dir.path(), "pgsql", &conf, "");
+        let out = Command::new(bin())
+            .args(["check", "--connect", "--etc"])
+            .arg(&etc)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let ca = format!("backend.pgsql.pool1.cacertfile = {}\n", certs.path().join("ca.crt").display());
+    let wrong_ca = format!("backend.pgsql.pool1.cacertfile = {}\n", other.path().join("ca.crt").display());
+
+    // `ssl = on`: chain and name. The certificate names localhost, not 127.0.0.1.
+    let (ok, text) = probe("localhost", &format!("backend.pgsql.pool1.ssl = on\n{ca}"));
+    assert!(ok, "verify-full by the certificate's name: {text}");
+    let (ok, text) = probe("127.0.0.1", &format!("backend.pgsql.pool1.ssl = on\n{ca}"));
+    assert!(
+        !ok && text.contains("error"),
+        "a name the certificate does not hold must be refused: {text}"
+    );
+    let (ok, text) = probe("localhost", &format!("backend.pgsql.pool1.ssl = on\n{wrong_ca}"));
+    assert!(!ok, "a certificate from another CA must be refused: {text}");
+    // verify-ca: the chain, not the name.
+    let (ok, text) = probe("127.0.0.1", &format!("backend.pgsql.pool1.ssl_mode = verify-ca\n{ca}"));
+    assert!(ok, "verify-ca ignores the name: {text}");
+    let (ok, text) = probe("127.0.0.1", &format!("backend.pgsql.pool1.ssl_mode = verify-ca\n{wrong_ca}"));
+    assert!(!ok, "verify-ca still checks the chain: {text}");
+    // require: encrypted, the certificate unchecked (libpq's meaning), no CA file needed.
+    let (ok, text) = probe("127.0.0.1", "backend.pgsql.pool1.ssl_mode = require\n");
+    assert!(ok, "require encrypts without verifying: {text}");
+}
+
+#[test]
+fn ssl_mode_require_fails_against_a_server_without_tls() {
+    if skipped("pgsql") {
+        eprintln!("SKIPPED: pgsql TLS test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let pg = common::servers::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.ssl_mode = require\n",
+        pg.port
+    );
+    let etc = write_etc(dir.path(), "pgsql", &conf, "");
+    let out = Command::new(bin())
+        .args(["check", "--connect", "--etc"])
+        .arg(&etc)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "TLS was required, the server has none: {text}");
+    let (ok, text) = {
+        let conf = conf.replace("ssl_mode = require", "ssl_mode = prefer");
+        let etc = write_etc(dir.path(), "pgsql", &conf, "");
+        let out = Command::new(bin())
+            .args(["check", "--connect", "--etc"])
+            .arg(&etc)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    assert!(ok, "prefer falls back to plain: {text}");
+}

@@ -3,6 +3,7 @@
 //! trip); everything else runs in order. Statements are prepared and cached per connection,
 //! or sent unnamed (`prepare = off`) for PgBouncer in transaction mode — bound either way.
 
+use super::tls::Verify;
 use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp};
 use crate::actions::Statement;
 use crate::config::{ConfError, PoolConf};
@@ -16,6 +17,7 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::Row;
 
@@ -33,7 +35,7 @@ pub struct PgSettings {
     pub prepare: bool,
     pub auto_create_schema: bool,
     pub connect_timeout: Duration,
-    pub tls: Option<super::tls::TlsFiles>,
+    pub tls: Option<(SslMode, Verify, super::tls::TlsFiles)>,
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -54,19 +56,26 @@ impl PgSettings {
             ),
             None => (server.to_string(), 5432),
         };
-        let tls = if pool.flag("ssl", false)? {
-            Some(super::tls::TlsFiles::parse(pool, "cacertfile")?)
-        } else {
-            None
-        };
-        if let Some(mode) = pool.str("ssl_mode") {
-            if !["disable", "prefer", "require", "verify-ca", "verify-full"].contains(&mode) {
+        // `ssl = on` alone verifies chain and host name; `ssl_mode` picks PostgreSQL's levels
+        // (`require` encrypts without checking the certificate, as libpq does).
+        let mode = match pool.str("ssl_mode").filter(|m| !m.is_empty()) {
+            None if pool.flag("ssl", false)? => Some((SslMode::Require, Verify::Full)),
+            None | Some("disable") => None,
+            Some("prefer") => Some((SslMode::Prefer, Verify::Encrypt)),
+            Some("require") => Some((SslMode::Require, Verify::Encrypt)),
+            Some("verify-ca") => Some((SslMode::Require, Verify::Chain)),
+            Some("verify-full") => Some((SslMode::Require, Verify::Full)),
+            Some(other) => {
                 return Err(pool.error(
                     "ssl_mode",
-                    format!("`ssl_mode` must be disable, prefer, require, verify-ca or verify-full, found `{mode}`"),
-                ));
+                    format!("`ssl_mode` must be disable, prefer, require, verify-ca or verify-full, found `{other}`"),
+                ))
             }
-        }
+        };
+        let tls = match mode {
+            Some((mode, verify)) => Some((mode, verify, super::tls::TlsFiles::parse(pool, "cacertfile")?)),
+            None => None,
+        };
         Ok(PgSettings {
             host,
             port,
@@ -127,9 +136,9 @@ impl PgBackend {
             recycling_method: RecyclingMethod::Fast,
         };
         let mgr = match &s.tls {
-            Some(files) => {
-                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let tls = files.postgres_connector(&s.host).map_err(|e| pool.error("ssl", e))?;
+            Some((mode, verify, files)) => {
+                cfg.ssl_mode(*mode);
+                let tls = files.postgres_connector(*verify).map_err(|e| pool.error("ssl", e))?;
                 Manager::from_config(cfg, tls, mgr_cfg)
             }
             None => Manager::from_config(cfg, tokio_postgres::NoTls, mgr_cfg),

@@ -5,6 +5,18 @@ use crate::config::{ConfError, PoolConf};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// How much of the server's certificate is checked (PostgreSQL's `sslmode` levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Encrypt only: any certificate is accepted (`require`, `prefer`). Handshake signatures
+    /// are still checked, so the session is bound to the presented key.
+    Encrypt,
+    /// The chain must lead to a trusted CA; the name in it is not checked (`verify-ca`).
+    Chain,
+    /// Chain and host name (`verify-full`, and the default).
+    Full,
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub ca: Option<PathBuf>,
@@ -39,7 +51,30 @@ impl TlsFiles {
         Ok(files)
     }
 
-    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+    /// A client configuration verifying the server as `verify` says.
+    pub fn client_config_verifying(&self, verify: Verify) -> Result<rustls::ClientConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let full = self.client_config()?;
+        if verify == Verify::Full {
+            return Ok(full);
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous();
+        let builder = match verify {
+            Verify::Chain => {
+                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(self.roots()?), provider)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                builder.with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+            }
+            _ => builder.with_custom_certificate_verifier(Arc::new(EncryptOnly(provider))),
+        };
+        self.with_client_auth(builder)
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, String> {
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca {
             Some(ca) => {
@@ -55,11 +90,13 @@ impl TlsFiles {
                 }
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots);
+        Ok(roots)
+    }
+
+    fn with_client_auth(
+        &self,
+        builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    ) -> Result<rustls::ClientConfig, String> {
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert)?;
@@ -74,9 +111,19 @@ impl TlsFiles {
         }
     }
 
+    /// Verifies the chain against the CA file (or the system's roots) and the host name.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(self.roots()?);
+        self.with_client_auth(builder)
+    }
+
     #[cfg(feature = "pgsql")]
-    pub fn postgres_connector(&self, _host: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(self.client_config()?))
+    pub fn postgres_connector(&self, verify: Verify) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(self.client_config_verifying(verify)?))
     }
 }
 
@@ -85,4 +132,88 @@ fn read_certs(path: &PathBuf) -> Result<Vec<rustls::pki_types::CertificateDer<'s
     rustls_pemfile::certs(&mut std::io::BufReader::new(f))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `verify-ca`: the full WebPKI check, except that a certificate issued for another name passes.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `require` / `prefer`: any certificate; the handshake signatures are still verified.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -47,11 +47,37 @@ fn unsafe_is_root() -> bool {
 pub struct PgServer {
     pub port: u16,
     dir: PathBuf,
+    /// Extra `postgres` options (TLS files).
+    opts: String,
     _tmp: tempfile::TempDir,
 }
 
 impl PgServer {
     pub fn start() -> PgServer {
+        Self::start_with(|_| String::new())
+    }
+
+    /// A server that also accepts TLS, with this certificate and key.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> PgServer {
+        Self::start_with(|dir| {
+            // In the server's own directory, owned by it: PostgreSQL refuses a key others can read.
+            for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, dir.join(name)).unwrap();
+                if unsafe_is_root() {
+                    Command::new("chown").arg("postgres:postgres").arg(dir.join(name)).status().unwrap();
+                }
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display()
+            )
+        })
+    }
+
+    fn start_with(opts: impl FnOnce(&std::path::Path) -> String) -> PgServer {
         let tmp = tempfile::Builder::new().prefix("mp-pg").tempdir_in("/tmp").unwrap();
         let dir = tmp.path().join("data");
         std::fs::create_dir_all(&dir).unwrap();
@@ -71,7 +97,13 @@ impl PgServer {
             .unwrap();
         assert!(st.success(), "initdb failed");
         let port = free_port();
-        let s = PgServer { port, dir, _tmp: tmp };
+        let opts = opts(&dir);
+        let s = PgServer {
+            port,
+            dir,
+            opts,
+            _tmp: tmp,
+        };
         s.resume();
         s
     }
@@ -79,9 +111,10 @@ impl PgServer {
     /// Start (again) on the same data dir and port.
     pub fn resume(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.opts
         );
         let log = self.dir.join("log");
         let mut started = false;
