@@ -148,20 +148,38 @@ fn start_control(engine: &Arc<Engine>, dispatcher: &Dispatcher) {
 }
 
 /// One worker per two cores (at least one): database work is mostly waiting on the network,
-/// and a small runtime keeps its wake-ups off the cores that route and deliver.
-fn storage_runtime() -> Result<tokio::runtime::Runtime, String> {
+/// and a small runtime keeps its wake-ups off the cores that route and deliver. With `low`
+/// priority its threads (and the blocking threads SQLite uses) run at nice 10.
+fn storage_runtime(low_priority: bool) -> Result<tokio::runtime::Runtime, String> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads((cores / 2).max(1))
         .thread_name("mqtt-store")
+        .on_thread_start(move || {
+            if low_priority {
+                lower_this_threads_priority();
+            }
+        })
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the storage runtime: {e}"))
 }
 
+/// Nice 10 for the calling thread only (Linux keeps nice per thread; raising it needs no
+/// privilege). Elsewhere a no-op.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling weight of the calling thread (`who = 0`).
+    unsafe {
+        if libc::setpriority(libc::PRIO_PROCESS, 0, 10) != 0 {
+            tracing::warn!("cannot lower the storage threads' priority: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 pub async fn start(conf: &Config) -> Result<Broker, String> {
     let registry = Arc::new(Registry::default());
-    let storage_rt = Background(Some(storage_runtime()?));
+    let storage_rt = Background(Some(storage_runtime(conf.broker.storage_low_priority)?));
     let storage = storage_rt.0.as_ref().expect("just built").handle().clone();
     let dispatcher = prepare(&storage, conf.clone(), registry.clone()).await?;
     let listener = broker::bind(&conf.broker.listen).await?;

@@ -150,3 +150,37 @@ async fn sigterm_drains_queued_writes_and_exits_cleanly() {
     assert_eq!(broker.wait_exit(Duration::from_secs(15)), Some(true), "{}", broker.log());
     assert_eq!(kit.stored_count(&t).await, 500);
 }
+
+/// Nice values of the broker process's threads with this name.
+fn thread_nice(pid: u32, name: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+        // After "pid (comm) ", field 3 (state) comes first; nice is field 19.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        out.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_storage_priority_lowers_only_the_database_threads() {
+    let kit = SqliteKit::new().await;
+    let broker = BrokerProc::start_with("sqlite", &kit.plugin_conf(), "persist.storage_priority = low");
+    let store = thread_nice(broker.pid(), "mqtt-store");
+    assert!(!store.is_empty() && store.iter().all(|n| *n == 10), "storage threads: {store:?}");
+    let conn = thread_nice(broker.pid(), "mqtt-conn");
+    assert!(!conn.is_empty() && conn.iter().all(|n| *n == 0), "connection threads: {conn:?}");
+    // And storage still works at that priority.
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let t = format!("{}/low", unique("prio"));
+    p.publish(&t, QoS::AtLeastOnce, false, "x").await;
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
+    let normal = BrokerProc::start("sqlite", &kit.plugin_conf());
+    let store = thread_nice(normal.pid(), "mqtt-store");
+    assert!(!store.is_empty() && store.iter().all(|n| *n == 0), "default: {store:?}");
+}

@@ -303,6 +303,8 @@ pub struct BrokerConf {
     pub fetch_timeout: Duration,
     /// A write (or probe) with no answer after this is a transient failure: retried, spooled.
     pub write_timeout: Duration,
+    /// `persist.storage_priority = low`: database threads yield the CPU to MQTT traffic.
+    pub storage_low_priority: bool,
     pub max_packet_size: usize,
 }
 
@@ -344,6 +346,7 @@ const BROKER_KEYS: &[&str] = &[
     "persist.batch_linger",
     "persist.fetch_timeout",
     "persist.write_timeout",
+    "persist.storage_priority",
     "mqtt.max_packet_size",
 ];
 
@@ -477,6 +480,18 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
             }
         },
     };
+    let storage_low_priority = match e.get("persist.storage_priority") {
+        None => false,
+        Some(x) if x.value == "normal" => false,
+        Some(x) if x.value == "low" => true,
+        Some(x) => {
+            errors.push(ConfError::new(
+                &x.origin,
+                format!("`persist.storage_priority` must be normal or low, found `{}`", x.value),
+            ));
+            false
+        }
+    };
     let metrics_listen = e
         .get("metrics.listen")
         .map(|x| x.value.clone())
@@ -495,6 +510,7 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
         batch_linger,
         fetch_timeout,
         write_timeout,
+        storage_low_priority,
         max_packet_size,
     }
 }
