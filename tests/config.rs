@@ -430,3 +430,44 @@ fn ssl_mode_require_fails_against_a_server_without_tls() {
     };
     assert!(ok, "prefer falls back to plain: {text}");
 }
+
+#[test]
+fn redis_tls_checks_the_servers_certificate() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis TLS test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), "mqtt-persist test CA");
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path(), "some other CA");
+    let redis = common::servers::RedisServer::start_tls(&certs.path().join("server.crt"), &certs.path().join("server.key"));
+    let probe = |host: &str, ca: &std::path::Path| -> (bool, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            "backend.redis.pool1.server = {host}:{}\nbackend.redis.pool1.ssl = on\nbackend.redis.pool1.cafile = {}\n",
+            redis.port,
+            ca.display()
+        );
+        let etc = write_etc(dir.path(), "redis", &conf, "persist.write_timeout = 3000");
+        let out = Command::new(bin())
+            .args(["check", "--connect", "--etc"])
+            .arg(&etc)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, text) = probe("localhost", &certs.path().join("ca.crt"));
+    assert!(ok, "TLS with the right CA and name: {text}");
+    let (ok, text) = probe("localhost", &other.path().join("ca.crt"));
+    assert!(
+        !ok && text.contains("error"),
+        "a certificate from another CA must be refused: {text}"
+    );
+    let (ok, text) = probe("127.0.0.1", &certs.path().join("ca.crt"));
+    assert!(
+        !ok && text.contains("error"),
+        "a name the certificate does not hold must be refused: {text}"
+    );
+}

@@ -199,14 +199,31 @@ impl Drop for PgServer {
 pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Extra `redis-server` arguments (TLS).
+    args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(Vec::new())
+    }
+
+    /// A server that speaks only TLS on its port, with this certificate and key.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
+        let args = ["--tls-port", "{port}", "--port", "0", "--tls-auth-clients", "no", "--tls-cert-file"]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([cert.display().to_string(), "--tls-key-file".into(), key.display().to_string()])
+            .collect();
+        Self::start_with(args)
+    }
+
+    fn start_with(args: Vec<String>) -> RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            args,
             child: None,
         };
         s.resume();
@@ -229,6 +246,7 @@ impl RedisServer {
                 "--dir",
             ])
             .arg(self.dir.path())
+            .args(self.args.iter().map(|a| a.replace("{port}", &self.port.to_string())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
