@@ -111,3 +111,32 @@ async fn a_client_id_with_spaces_cannot_add_command_arguments() {
     assert_eq!(fields.len(), 1, "exactly one field: {fields:?}");
     assert_eq!(fields["f"], b"v w\r\n*3\r\n".to_vec());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_pool_writes_to_the_master_the_sentinel_names() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let master = common::servers::RedisServer::start();
+    let sentinel = common::servers::SentinelServer::start(master.port, "mp-master");
+    let conf = format!(
+        "backend.redis.pool1.type = sentinel\nbackend.redis.pool1.server = 127.0.0.1:{}\nbackend.redis.pool1.sentinel = mp-master\n\
+         backend.redis.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n",
+        sentinel.port
+    );
+    let broker = BrokerProc::start("redis", &conf);
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let topic = format!("{}/s", unique("sent"));
+    p.publish(&topic, QoS::AtLeastOnce, false, "via sentinel").await;
+    let on_master = common::kits::redis_connect(&master.url()).await;
+    let key = format!("mqtt:msg:{topic}");
+    eventually("the message stored on the master", WAIT, || {
+        let (mut c, key) = (on_master.clone(), &key);
+        async move {
+            let n: i64 = redis::cmd("ZCARD").arg(key).query_async(&mut c).await.unwrap();
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+}

@@ -163,7 +163,13 @@ impl RedisSettings {
                     tls_mode: None,
                     redis_connection_info: Some(self.info("", 0).redis),
                 };
-                sentinel.async_master_for(&self.sentinel, Some(&node)).await
+                // The sentinel names the master's address; the client for it is built here, so
+                // the master gets the pool's TLS files (CA, client certificate) like a single node.
+                let master = sentinel.async_master_for(&self.sentinel, Some(&node)).await?;
+                match &master.get_connection_info().addr {
+                    ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => self.client(self.info(host, *port)),
+                    _ => Ok(master),
+                }
             }
             _ => {
                 let (h, p) = &self.servers[0];

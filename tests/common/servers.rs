@@ -273,3 +273,40 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis Sentinel (redis-server --sentinel) watching one master under `name`.
+pub struct SentinelServer {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl SentinelServer {
+    pub fn start(master_port: u16, name: &str) -> SentinelServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // Sentinel rewrites its conf file, so it gets its own.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!("port {port}\nbind 127.0.0.1\nsentinel monitor {name} 127.0.0.1 {master_port} 1\nsentinel down-after-milliseconds {name} 1000\n"),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server installed");
+        wait_port(port, true, Duration::from_secs(20));
+        SentinelServer { port, _dir: dir, child }
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
