@@ -213,19 +213,25 @@ fn the_shipped_pgsql_file_is_valid() {
 
 #[test]
 fn check_connect_reports_an_unreachable_pool_without_its_password() {
-    let dir = tempfile::tempdir().unwrap();
     let conf =
         "backend.pgsql.pool1.server = 127.0.0.1:1\nbackend.pgsql.pool1.password = s3cr3t-pw\nbackend.pgsql.pool1.connect_timeout = 1000\n";
-    let etc = write_etc(dir.path(), "pgsql", conf, "");
+    let (ok, text) = check_connect("pgsql", conf, "");
+    assert!(!ok, "{text}");
+    assert!(text.contains("pgsql:pool1") && text.contains("error"), "{text}");
+    assert!(!text.contains("s3cr3t-pw"), "password leaked: {text}");
+}
+
+/// `mqtt-persist check --connect` on a fresh etc/ with this plugin conf: (success, all output).
+fn check_connect(db: &str, plugin_conf: &str, extra_broker: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = write_etc(dir.path(), db, plugin_conf, extra_broker);
     let out = Command::new(bin())
         .args(["check", "--connect", "--etc"])
         .arg(&etc)
         .output()
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains("pgsql:pool1") && text.contains("error"), "{text}");
-    assert!(!text.contains("s3cr3t-pw"), "password leaked: {text}");
+    (out.status.success(), text)
 }
 
 /// EMQX 4.x's shipped emqx_backend_redis.conf rule set.
@@ -346,31 +352,27 @@ fn make_certs(dir: &std::path::Path, ca_name: &str) {
     ]);
 }
 
+/// A directory with a CA named `name` and a server certificate it signed for `localhost`.
+fn test_ca(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), name);
+    dir
+}
+
 #[test]
 fn postgres_tls_modes_check_what_they_promise() {
     if skipped("pgsql") {
         eprintln!("SKIPPED: pgsql TLS test (MQTT_PERSIST_SKIP)");
         return;
     }
-    let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path(), "mqtt-persist test CA");
-    let other = tempfile::tempdir().unwrap();
-    make_certs(other.path(), "some other CA");
+    let (certs, other) = (test_ca("mqtt-persist test CA"), test_ca("some other CA"));
     let pg = common::servers::PgServer::start_tls(&certs.path().join("server.crt"), &certs.path().join("server.key"));
-    let probe = |host: &str, tls: &str| -> (bool, String) {
-        let dir = tempfile::tempdir().unwrap();
+    let probe = |host: &str, tls: &str| {
         let conf = format!(
             "backend.pgsql.pool1.server = {host}:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 3000\n{tls}",
             pg.port
         );
-        let etc = write_etc(dir.path(), "pgsql", &conf, "");
-        let out = Command::new(bin())
-            .args(["check", "--connect", "--etc"])
-            .arg(&etc)
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        check_connect("pgsql", &conf, "")
     };
     let ca = format!("backend.pgsql.pool1.cacertfile = {}\n", certs.path().join("ca.crt").display());
     let wrong_ca = format!("backend.pgsql.pool1.cacertfile = {}\n", other.path().join("ca.crt").display());
@@ -402,32 +404,13 @@ fn ssl_mode_require_fails_against_a_server_without_tls() {
         return;
     }
     let pg = common::servers::PgServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let conf = format!(
         "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.ssl_mode = require\n",
         pg.port
     );
-    let etc = write_etc(dir.path(), "pgsql", &conf, "");
-    let out = Command::new(bin())
-        .args(["check", "--connect", "--etc"])
-        .arg(&etc)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "TLS was required, the server has none: {text}");
-    let (ok, text) = {
-        let conf = conf.replace("ssl_mode = require", "ssl_mode = prefer");
-        let etc = write_etc(dir.path(), "pgsql", &conf, "");
-        let out = Command::new(bin())
-            .args(["check", "--connect", "--etc"])
-            .arg(&etc)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-        )
-    };
+    let (ok, text) = check_connect("pgsql", &conf, "");
+    assert!(!ok, "TLS was required, the server has none: {text}");
+    let (ok, text) = check_connect("pgsql", &conf.replace("ssl_mode = require", "ssl_mode = prefer"), "");
     assert!(ok, "prefer falls back to plain: {text}");
 }
 
@@ -437,26 +420,15 @@ fn redis_tls_checks_the_servers_certificate() {
         eprintln!("SKIPPED: redis TLS test (MQTT_PERSIST_SKIP)");
         return;
     }
-    let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path(), "mqtt-persist test CA");
-    let other = tempfile::tempdir().unwrap();
-    make_certs(other.path(), "some other CA");
+    let (certs, other) = (test_ca("mqtt-persist test CA"), test_ca("some other CA"));
     let redis = common::servers::RedisServer::start_tls(&certs.path().join("server.crt"), &certs.path().join("server.key"));
-    let probe = |host: &str, ca: &std::path::Path| -> (bool, String) {
-        let dir = tempfile::tempdir().unwrap();
+    let probe = |host: &str, ca: &std::path::Path| {
         let conf = format!(
             "backend.redis.pool1.server = {host}:{}\nbackend.redis.pool1.ssl = on\nbackend.redis.pool1.cafile = {}\n",
             redis.port,
             ca.display()
         );
-        let etc = write_etc(dir.path(), "redis", &conf, "persist.write_timeout = 3000");
-        let out = Command::new(bin())
-            .args(["check", "--connect", "--etc"])
-            .arg(&etc)
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        check_connect("redis", &conf, "persist.write_timeout = 3000")
     };
     let (ok, text) = probe("localhost", &certs.path().join("ca.crt"));
     assert!(ok, "TLS with the right CA and name: {text}");
