@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod b64;
 pub mod health;
 #[cfg(feature = "pgsql")]
 pub mod pgsql;

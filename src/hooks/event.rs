@@ -164,7 +164,7 @@ pub enum Value {
     Null,
     Int(i64),
     Str(Arc<str>),
-    Bytes(Bytes),
+    Bytes(#[serde(with = "crate::backends::b64")] Bytes),
     Bool(bool),
 }
 
@@ -207,6 +207,7 @@ pub struct Message {
     pub sender: Arc<str>,
     pub username: Option<Arc<str>>,
     pub topic: Arc<str>,
+    #[serde(with = "crate::backends::b64")]
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
