@@ -37,6 +37,8 @@ macro_rules! conformance {
             scenario!(subscribe_lookup_subscribes_the_client_from_storage);
             scenario!(queue_messages_are_deleted_by_the_first_ack);
             scenario!(keep_latest_delivers_only_the_newest_message_per_topic);
+            scenario!(offline_fetch_returns_the_newest_n_at_the_lower_qos);
+            scenario!(unsubscribe_deletes_the_pointer);
         }
     };
 }

@@ -318,3 +318,82 @@ pub async fn keep_latest_delivers_only_the_newest_message_per_topic<K: Kit>() {
     s2.subscribe(&format!("{base}/+"), QoS::AtLeastOnce).await;
     s2.expect_none(Duration::from_millis(800)).await;
 }
+
+/// SPEC §3.1.3: the newest `max_returned_count` messages, oldest first, at min(stored QoS,
+/// subscription QoS); a QoS 0 subscription fetches nothing.
+pub async fn offline_fetch_returns_the_newest_n_at_the_lower_qos<K: Kit>() {
+    let kit = K::new().await;
+    let db = K::DB;
+    // The default fetch rule, capped at 2 messages (a later duplicate key wins).
+    let conf = format!(
+        "{}backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"max_returned_count\": 2}}, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let broker = BrokerProc::start(K::DB, &conf);
+    let base = unique("n");
+    let filter = format!("{base}/#");
+    let (a_id, c_id) = (unique("dev"), unique("dev0"));
+    // First subscriptions: pointers start at the newest stored message.
+    for id in [&a_id, &c_id] {
+        let c = connect(broker.addr, id, true).await;
+        c.subscribe(&filter, QoS::AtLeastOnce).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.disconnect().await;
+    }
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let topic = format!("{base}/x");
+    for i in 0..3 {
+        p.publish(&topic, QoS::AtLeastOnce, false, format!("m{i}")).await;
+    }
+    p.publish(&topic, QoS::ExactlyOnce, false, "m3").await;
+    eventually("4 stored messages", WAIT, || async {
+        (kit.stored_count(&topic).await == 4).then_some(())
+    })
+    .await;
+    p.disconnect().await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &a_id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let got = a.expect(2, WAIT).await;
+    assert_eq!(
+        got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(),
+        vec![b"m2".to_vec(), b"m3".to_vec()],
+        "the newest 2, oldest first"
+    );
+    assert_eq!(got[1].qos, QoS::AtLeastOnce, "stored at QoS 2, subscribed at QoS 1");
+    let mut c = connect(broker.addr, &c_id, true).await;
+    c.subscribe(&filter, QoS::AtMostOnce).await;
+    c.expect_none(Duration::from_secs(1)).await;
+}
+
+/// SPEC §3.1.5: unsubscribing deletes the read pointer, so the next subscription is a first
+/// one again and gets nothing of what was stored meanwhile.
+pub async fn unsubscribe_deletes_the_pointer<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("u");
+    let filter = format!("{base}/#");
+    let topic = format!("{base}/x");
+    let id = unique("dev");
+    let a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, "kept").await;
+    eventually("stored", WAIT, || async { (kit.stored_count(&topic).await == 1).then_some(()) }).await;
+    // With a pointer: the stored message arrives; then unsubscribe.
+    let mut a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    assert_eq!(a.expect(1, WAIT).await[0].payload.to_vec(), b"kept".to_vec());
+    a.client.unsubscribe(&filter).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.disconnect().await;
+    for m in ["m1", "m2"] {
+        p.publish(&topic, QoS::AtLeastOnce, false, m).await;
+    }
+    eventually("3 stored", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
+    let mut a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    a.expect_none(Duration::from_secs(1)).await;
+}
