@@ -24,8 +24,10 @@ pub mod sqlite;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-/// One write, in the order the broker produced it. Every op is idempotent so that a batch can
-/// be retried after an error whose outcome is unknown. Serializable for the disk spool.
+/// One write, in the order the broker produced it. Every builtin op is idempotent, so a batch
+/// can be retried after an error whose outcome is unknown. Custom `Statements` / `Commands` are
+/// the user's and may not be: a retry after a partial failure can run them again (delivery to
+/// the database is at least once). Serializable for the disk spool.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     ClientConnected {
@@ -144,7 +146,8 @@ pub type BResult<T> = Result<T, BackendError>;
 pub trait Backend: Send + Sync + 'static {
     /// `db:pool`.
     fn label(&self) -> &str;
-    /// Apply ops in order. On error the batch may be partly applied; ops are idempotent.
+    /// Apply ops in order. On error the batch may be partly applied; the queue retries it
+    /// whole (builtin ops are idempotent; custom ones are at least once).
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>>;
     /// Stored messages for a new subscription (SPEC §3.1), oldest first.
     fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;

@@ -39,6 +39,7 @@ macro_rules! conformance {
             scenario!(keep_latest_delivers_only_the_newest_message_per_topic);
             scenario!(offline_fetch_returns_the_newest_n_at_the_lower_qos);
             scenario!(unsubscribe_deletes_the_pointer);
+            scenario!(leading_wildcards_do_not_fetch_dollar_topics);
         }
     };
 }

@@ -397,3 +397,39 @@ pub async fn unsubscribe_deletes_the_pointer<K: Kit>() {
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     a.expect_none(Duration::from_secs(1)).await;
 }
+
+/// SPEC §3.1.3: a filter starting with a wildcard does not fetch `$`-topics (MQTT 4.7.2).
+pub async fn leading_wildcards_do_not_fetch_dollar_topics<K: Kit>() {
+    let kit = K::new().await;
+    let db = K::DB;
+    // `#` does not match `$`-topics either, so storing them takes a rule of their own.
+    let conf = format!(
+        "{}backend.{db}.hook.message.publish.9 = {{\"topic\": \"$sys/#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let broker = BrokerProc::start(K::DB, &conf);
+    let u = unique("d");
+    let filter = format!("+/{u}");
+    let id = unique("dev");
+    let a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let (hidden, shown) = (format!("$sys/{u}"), format!("n/{u}"));
+    p.publish(&hidden, QoS::AtLeastOnce, false, "hidden").await;
+    p.publish(&shown, QoS::AtLeastOnce, false, "shown").await;
+    eventually("both stored", WAIT, || async {
+        (kit.stored_count(&hidden).await == 1 && kit.stored_count(&shown).await == 1).then_some(())
+    })
+    .await;
+    p.disconnect().await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let got = a.expect(1, WAIT).await;
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.to_vec()),
+        (shown.as_str(), b"shown".to_vec())
+    );
+}
