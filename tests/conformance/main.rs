@@ -40,6 +40,7 @@ macro_rules! conformance {
             scenario!(offline_fetch_returns_the_newest_n_at_the_lower_qos);
             scenario!(unsubscribe_deletes_the_pointer);
             scenario!(leading_wildcards_do_not_fetch_dollar_topics);
+            scenario!(retained_lookup_returns_every_topic_at_any_qos);
         }
     };
 }

@@ -433,3 +433,29 @@ pub async fn leading_wildcards_do_not_fetch_dollar_topics<K: Kit>() {
         (shown.as_str(), b"shown".to_vec())
     );
 }
+
+/// SPEC §3.2: the retained lookup runs for any subscription QoS and is not capped by the
+/// broker's in-flight window: 150 topics, each delivered once, at QoS 0 and at QoS 1.
+pub async fn retained_lookup_returns_every_topic_at_any_qos<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("rm");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let n = 150;
+    for i in 0..n {
+        p.publish(&format!("{base}/{i}"), QoS::AtLeastOnce, true, format!("v{i}")).await;
+    }
+    for i in [0, n / 2, n - 1] {
+        let topic = format!("{base}/{i}");
+        eventually("retained rows", WAIT, || async { kit.retained(&topic).await }).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let mut s = connect(broker.addr, &unique("sub"), true).await;
+        s.subscribe(&format!("{base}/+"), qos).await;
+        let got = s.expect(n, WAIT).await;
+        let topics: std::collections::HashSet<_> = got.iter().map(|p| p.topic.clone()).collect();
+        assert_eq!(topics.len(), n, "one copy of every topic at {qos:?}");
+        assert!(got.iter().all(|p| p.retain), "retained flag set");
+    }
+}
