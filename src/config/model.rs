@@ -778,7 +778,17 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
                     };
                     offline.time_range = parse_duration(&s)?;
                 }
-                "first_subscribe" => offline.first_subscribe_time_range = v.as_str() == Some("time_range"),
+                "first_subscribe" => {
+                    offline.first_subscribe_time_range = match v.as_str() {
+                        Some("time_range") => true,
+                        Some("newest") => false,
+                        _ => {
+                            return Err(format!(
+                                "`first_subscribe` must be \"newest\" (the default) or \"time_range\", found {v}"
+                            ))
+                        }
+                    }
+                }
                 other => return Err(format!("unknown field `{other}` in offline_opts")),
             }
         }

@@ -41,6 +41,8 @@ macro_rules! conformance {
             scenario!(unsubscribe_deletes_the_pointer);
             scenario!(leading_wildcards_do_not_fetch_dollar_topics);
             scenario!(retained_lookup_returns_every_topic_at_any_qos);
+            scenario!(first_subscribe_time_range_delivers_recent_messages);
+            scenario!(out_of_order_acks_never_move_the_pointer_back);
         }
     };
 }

@@ -459,3 +459,65 @@ pub async fn retained_lookup_returns_every_topic_at_any_qos<K: Kit>() {
         assert!(got.iter().all(|p| p.retain), "retained flag set");
     }
 }
+
+/// SPEC §3.1.2: with `first_subscribe = "time_range"` a first subscription gets what
+/// `time_range` allows (oldest first) instead of nothing.
+pub async fn first_subscribe_time_range_delivers_recent_messages<K: Kit>() {
+    let kit = K::new().await;
+    let db = K::DB;
+    let conf = format!(
+        "{}backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"first_subscribe\": \"time_range\", \"time_range\": \"1h\"}}, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let broker = BrokerProc::start(K::DB, &conf);
+    let base = unique("f");
+    let topic = format!("{base}/x");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for m in ["early", "late"] {
+        p.publish(&topic, QoS::AtLeastOnce, false, m).await;
+    }
+    eventually("2 stored", WAIT, || async { (kit.stored_count(&topic).await == 2).then_some(()) }).await;
+    let mut s = connect(broker.addr, &unique("new"), true).await;
+    s.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    let got = s.expect(2, WAIT).await;
+    assert_eq!(
+        got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(),
+        vec![b"early".to_vec(), b"late".to_vec()]
+    );
+}
+
+/// SPEC §3 `on_message_acked`: acks arriving out of order never move the pointer back.
+pub async fn out_of_order_acks_never_move_the_pointer_back<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("ack");
+    let filter = format!("{base}/#");
+    let topic = format!("{base}/x");
+    let id = unique("dev");
+    let a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.disconnect().await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for m in ["m0", "m1", "m2"] {
+        p.publish(&topic, QoS::AtLeastOnce, false, m).await;
+    }
+    eventually("3 stored", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
+    let broker = broker.restart();
+    let mut o = rumqttc::MqttOptions::new(id.clone(), "127.0.0.1", broker.port());
+    o.set_manual_acks(true);
+    let mut a = connect_with(o).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let got = a.expect(3, WAIT).await;
+    // The newest first, then the older ones.
+    for i in [2, 0, 1] {
+        a.client.ack(&got[i]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    a.expect_none(Duration::from_secs(1)).await;
+}
