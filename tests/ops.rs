@@ -1,4 +1,5 @@
-//! Operations: hot reload, the metrics endpoint, message TTL cleanup, graceful shutdown.
+//! Operations: hot reload, the metrics endpoint, graceful shutdown, storage priority
+//! (message TTL cleanup is in the conformance suite, for every backend).
 
 mod common;
 
@@ -116,21 +117,6 @@ async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
     eventually("the success counter continued across the reload", WAIT, || async {
         let body = http_get(&format!("127.0.0.1:{port}")).await;
         body.lines().any(|l| l == format!("{rule_success}4")).then_some(())
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stored_messages_older_than_message_ttl_are_deleted() {
-    let kit = SqliteKit::new().await;
-    let conf = format!("{}backend.sqlite.message_ttl = 2s\n", kit.plugin_conf());
-    let broker = BrokerProc::start("sqlite", &conf);
-    let p = connect(broker.addr, &unique("pub"), true).await;
-    let t = format!("{}/ttl", unique("ttl"));
-    p.publish(&t, QoS::AtLeastOnce, false, "old").await;
-    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
-    eventually("deleted after the TTL", WAIT, || async {
-        (kit.stored_count(&t).await == 0).then_some(())
     })
     .await;
 }

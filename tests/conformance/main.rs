@@ -43,6 +43,7 @@ macro_rules! conformance {
             scenario!(retained_lookup_returns_every_topic_at_any_qos);
             scenario!(first_subscribe_time_range_delivers_recent_messages);
             scenario!(out_of_order_acks_never_move_the_pointer_back);
+            scenario!(stored_messages_older_than_message_ttl_are_deleted);
         }
     };
 }

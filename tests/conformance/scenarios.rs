@@ -521,3 +521,19 @@ pub async fn out_of_order_acks_never_move_the_pointer_back<K: Kit>() {
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     a.expect_none(Duration::from_secs(1)).await;
 }
+
+/// SPEC §3.3: `backend.<db>.message_ttl` removes older stored messages, off the hot path.
+pub async fn stored_messages_older_than_message_ttl_are_deleted<K: Kit>() {
+    let kit = K::new().await;
+    let db = K::DB;
+    let conf = format!("{}backend.{db}.message_ttl = 2s\n", kit.plugin_conf());
+    let broker = BrokerProc::start(K::DB, &conf);
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let t = format!("{}/ttl", unique("ttl"));
+    p.publish(&t, QoS::AtLeastOnce, false, "old").await;
+    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
+    eventually("deleted after the TTL", WAIT, || async {
+        (kit.stored_count(&t).await == 0).then_some(())
+    })
+    .await;
+}
