@@ -12,6 +12,11 @@ pub trait Kit: Sized {
     fn pool_conf(&self) -> String;
     /// The action of a custom rule that stores `${clientid}` and `${payload}` into `t`.
     fn custom_action(&self) -> String;
+    /// Like `custom_action`, for a text value in `${payload}`'s place (a typed database needs
+    /// a conversion where `p` is binary).
+    fn custom_text_action(&self) -> String {
+        self.custom_action()
+    }
     async fn client_state(&self, clientid: &str) -> Option<i64>;
     async fn stored_count(&self, topic: &str) -> i64;
     async fn retained(&self, topic: &str) -> Option<Vec<u8>>;
@@ -189,6 +194,10 @@ impl Kit for PgKit {
         r#"{"sql": ["insert into t(c, p) values (${clientid}, ${payload})"]}"#.to_string()
     }
 
+    fn custom_text_action(&self) -> String {
+        r#"{"sql": ["insert into t(c, p) values (${clientid}, convert_to(${payload}, 'UTF8'))"]}"#.to_string()
+    }
+
     async fn client_state(&self, clientid: &str) -> Option<i64> {
         self.client
             .query_opt("SELECT state::int8 FROM mqtt_client WHERE clientid = $1", &[&clientid])
@@ -329,6 +338,9 @@ impl Kit for PgUnpreparedKit {
     }
     fn custom_action(&self) -> String {
         self.0.custom_action()
+    }
+    fn custom_text_action(&self) -> String {
+        self.0.custom_text_action()
     }
     async fn client_state(&self, clientid: &str) -> Option<i64> {
         self.0.client_state(clientid).await

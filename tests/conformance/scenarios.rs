@@ -537,3 +537,30 @@ pub async fn stored_messages_older_than_message_ttl_are_deleted<K: Kit>() {
     })
     .await;
 }
+
+/// SPEC §2 [beyond]: `${username}`, `${peerhost}` and `${node}` bind in custom actions.
+pub async fn custom_actions_bind_username_peerhost_and_node<K: Kit>() {
+    let kit = K::new().await;
+    let db = K::DB;
+    let mut conf = kit.plugin_conf();
+    for (n, var) in [(10, "username"), (11, "peerhost"), (12, "node")] {
+        let action = kit.custom_text_action().replace("${payload}", &format!("${{{var}}}"));
+        conf.push_str(&format!(
+            "backend.{db}.hook.client.connected.{n} = {{\"action\": {action}, \"pool\": \"pool1\"}}\n"
+        ));
+    }
+    let broker = BrokerProc::start(K::DB, &conf);
+    let id = unique("vars");
+    let mut o = rumqttc::MqttOptions::new(id.clone(), "127.0.0.1", broker.port());
+    o.set_credentials("alice", "pw");
+    let _c = connect_with(o).await;
+    let rows = eventually("three custom rows", WAIT, || async {
+        let rows = kit.custom_rows(&id).await;
+        (rows.len() == 3).then_some(rows)
+    })
+    .await;
+    let mut got: Vec<String> = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
+    got.sort();
+    // The test brokers run as node `test@127.0.0.1` (tests/common).
+    assert_eq!(got, vec!["127.0.0.1", "alice", "test@127.0.0.1"]);
+}
