@@ -320,3 +320,53 @@ fn acking_client(port: u16) -> (rumqttc::AsyncClient, tokio::sync::mpsc::Unbound
     });
     (client, acks)
 }
+
+/// A connection lost in the middle of a batch (here the batch's own custom statement ends its
+/// session): the retry resumes after the ops already committed, so a custom statement that ran
+/// is not run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_mid_batch_does_not_rerun_committed_statements() {
+    if skipped("pgsql") {
+        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let pg = PgServer::start();
+    let db = pg_connect(&pg.url().parse().unwrap()).await;
+    db.batch_execute("CREATE TABLE seen (p text); CREATE TABLE killed (n int)")
+        .await
+        .unwrap();
+    // The kill rule's second statement terminates its own connection the first time only.
+    let conf = format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 1000\n\
+         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"seen/#\", \"action\": {{\"sql\": [\"insert into seen values (${{payload}})\"]}}, \"pool\": \"pool1\"}}\n\
+         backend.pgsql.hook.message.publish.2 = {{\"topic\": \"kill/#\", \"action\": {{\"sql\": [\"insert into killed values (1)\", \"select pg_terminate_backend(pg_backend_pid()) where (select count(*) from killed) = 1\"]}}, \"pool\": \"pool1\"}}\n",
+        pg.port
+    );
+    // Both publishes wait for each other in one batch.
+    let broker = BrokerProc::start_with("pgsql", &conf, "persist.batch_linger = 300000");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port()).parse().unwrap();
+    let p = connect(addr, &unique("pub"), true).await;
+    p.publish("seen/x", QoS::AtLeastOnce, false, "once").await;
+    p.publish("kill/x", QoS::AtLeastOnce, false, "k").await;
+    let count = |table: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    eventually("the batch retried after the lost connection", Duration::from_secs(15), || async {
+        (count("killed").await == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count("seen").await,
+        1,
+        "the statement committed before the loss ran once:\n{}",
+        broker.log()
+    );
+    assert!(broker.log().contains("database is back"), "{}", broker.log());
+}

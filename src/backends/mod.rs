@@ -26,8 +26,9 @@ pub mod tls;
 
 /// One write, in the order the broker produced it. Every builtin op is idempotent, so a batch
 /// can be retried after an error whose outcome is unknown. Custom `Statements` / `Commands` are
-/// the user's and may not be: a retry after a partial failure can run them again (delivery to
-/// the database is at least once). Serializable for the disk spool.
+/// the user's and may not be: a backend that commits op by op reports the committed prefix
+/// ([`BackendError::applied`]) so the retry skips it; what it cannot vouch for runs again (at
+/// least once). Serializable for the disk spool.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     ClientConnected {
@@ -124,6 +125,9 @@ pub struct BackendError {
     /// Worth retrying (connection lost, timeout); otherwise the data itself was refused.
     pub transient: bool,
     pub message: String,
+    /// How many ops at the start of the batch are known to be committed despite the error:
+    /// the retry resumes after them, so a custom statement that already ran is not run again.
+    pub applied: usize,
 }
 
 impl BackendError {
@@ -131,13 +135,19 @@ impl BackendError {
         BackendError {
             transient: true,
             message: message.into(),
+            applied: 0,
         }
     }
     pub fn permanent(message: impl Into<String>) -> Self {
         BackendError {
             transient: false,
             message: message.into(),
+            applied: 0,
         }
+    }
+    pub fn after(mut self, applied: usize) -> Self {
+        self.applied = applied;
+        self
     }
 }
 
@@ -146,8 +156,8 @@ pub type BResult<T> = Result<T, BackendError>;
 pub trait Backend: Send + Sync + 'static {
     /// `db:pool`.
     fn label(&self) -> &str;
-    /// Apply ops in order. On error the batch may be partly applied; the queue retries it
-    /// whole (builtin ops are idempotent; custom ones are at least once).
+    /// Apply ops in order. On error the batch may be partly applied; the queue retries it from
+    /// `BackendError::applied` on (builtin ops are idempotent; custom ones at least once).
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>>;
     /// Stored messages for a new subscription (SPEC §3.1), oldest first.
     fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;

@@ -106,6 +106,7 @@ fn classify(e: &tokio_postgres::Error) -> BackendError {
             BackendError {
                 transient,
                 message: format!("{} ({code})", db.message()),
+                applied: 0,
             }
         }
         None => BackendError::transient(e.to_string()),
@@ -548,6 +549,8 @@ impl Backend for PgBackend {
         Box::pin(async move {
             let c = self.client().await?;
             let r = async {
+                // Every statement runs in autocommit: ops[..committed] are in the database.
+                let mut committed = 0;
                 let mut i = 0;
                 while i < ops.len() {
                     let kind = std::mem::discriminant(&ops[i]);
@@ -591,18 +594,22 @@ impl Backend for PgBackend {
                             self.advance_many(&c, &refs).await.map(|_| ())
                         }
                         _ => {
+                            // One by one, each committed on its own: on an error the ones
+                            // before it are done, and the retry must not run them again.
                             let mut r = Ok(());
                             for op in run {
                                 r = self.single(&c, op).await;
                                 if r.is_err() {
                                     break;
                                 }
+                                committed += 1;
                             }
                             r
                         }
                     };
-                    r.map_err(|e| classify(&e))?;
+                    r.map_err(|e| classify(&e).after(committed))?;
                     i = j;
+                    committed = j;
                 }
                 Ok(())
             }

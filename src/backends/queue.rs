@@ -229,42 +229,48 @@ impl Writer {
         }
     }
 
-    /// Writes one batch until it is committed, spooled, or refused by the database.
+    /// Writes one batch until it is committed, spooled, or refused by the database. After a
+    /// failure the retry resumes after the ops the backend reports as already committed.
     async fn commit(&mut self, ops: &[WriteOp], jobs: &[Job], spool: &mut Option<Spool>) {
-        loop {
+        let mut done = 0;
+        while done < ops.len() {
+            let (ops_left, jobs_left) = (&ops[done..], &jobs[done..]);
             if let Some(sp) = spool.as_mut().filter(|s| s.pending()) {
-                if spool_jobs(&*self.backend, sp, ops, jobs) {
+                if spool_jobs(&*self.backend, sp, ops_left, jobs_left) {
                     return;
                 }
             }
-            match timed(self.timeout, self.backend.write(ops)).await {
+            match timed(self.timeout, self.backend.write(ops_left)).await {
                 Ok(()) => {
                     self.back();
-                    for j in jobs {
-                        RuleMetrics::inc(&j.rule.success);
-                        j.rule.observe(j.queued_at.elapsed());
-                    }
+                    succeeded(jobs_left);
                     return;
                 }
-                Err(e) if e.transient => {
+                Err(e) => {
+                    let applied = e.applied.min(ops_left.len());
+                    succeeded(&jobs_left[..applied]);
+                    done += applied;
+                    if done == ops.len() {
+                        return;
+                    }
+                    if !e.transient {
+                        // The data was refused: isolate the bad op so the rest commits.
+                        self.one_by_one(&ops[done..], &jobs[done..], &e).await;
+                        return;
+                    }
                     let wait = self.down(&e);
-                    // With a spool, the batch goes to disk and its acks go out now.
+                    // With a spool, the rest of the batch goes to disk and its acks go out now.
                     if let Some(sp) = spool.as_mut() {
-                        if spool_jobs(&*self.backend, sp, ops, jobs) {
+                        if spool_jobs(&*self.backend, sp, &ops[done..], &jobs[done..]) {
                             return;
                         }
                     }
-                    for j in jobs {
+                    for j in &jobs[done..] {
                         RuleMetrics::inc(&j.rule.retried);
                     }
                     // The circuit is open: probe with a cheap ping instead of resending the
                     // batch, then resend it once the database answers.
                     self.probe(wait).await;
-                }
-                Err(e) => {
-                    // The data was refused: isolate the bad op so the rest commits.
-                    self.one_by_one(ops, jobs, &e).await;
-                    return;
                 }
             }
         }
@@ -389,6 +395,14 @@ impl Writer {
                 }
             }
         }
+    }
+}
+
+/// Counts committed jobs and their enqueue-to-commit latency.
+fn succeeded(jobs: &[Job]) {
+    for j in jobs {
+        RuleMetrics::inc(&j.rule.success);
+        j.rule.observe(j.queued_at.elapsed());
     }
 }
 

@@ -225,6 +225,7 @@ fn classify(e: RedisError) -> BackendError {
     BackendError {
         transient,
         message: e.to_string(),
+        applied: 0,
     }
 }
 

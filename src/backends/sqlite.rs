@@ -107,6 +107,7 @@ fn classify(e: rusqlite::Error) -> BackendError {
     BackendError {
         transient: is_transient(&e),
         message: e.to_string(),
+        applied: 0,
     }
 }
 
