@@ -20,6 +20,7 @@ pub trait Kit: Sized {
     async fn client_state(&self, clientid: &str) -> Option<i64>;
     async fn stored_count(&self, topic: &str) -> i64;
     async fn retained(&self, topic: &str) -> Option<Vec<u8>>;
+    /// The `p` values stored for `clientid`, in the order they were written.
     async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>>;
     async fn add_subscription(&self, clientid: &str, topic: &str, qos: i64);
 
@@ -118,7 +119,7 @@ impl Kit for SqliteKit {
 
     async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT p FROM t WHERE c = ?1").unwrap();
+        let mut st = c.prepare("SELECT p FROM t WHERE c = ?1 ORDER BY rowid").unwrap();
         let rows = st.query_map([clientid], |r| {
             Ok(match r.get_ref(0)? {
                 rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => t.to_vec(),
@@ -170,7 +171,10 @@ impl Kit for PgKit {
         cfg.dbname(&db);
         let client = pg_connect(&cfg).await;
         client.batch_execute(mqtt_persist::backends::pgsql::SCHEMA).await.unwrap();
-        client.batch_execute("CREATE TABLE t (c TEXT, p BYTEA)").await.unwrap();
+        client
+            .batch_execute("CREATE TABLE t (id BIGSERIAL, c TEXT, p BYTEA)")
+            .await
+            .unwrap();
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             _ => "127.0.0.1".into(),
@@ -224,7 +228,7 @@ impl Kit for PgKit {
 
     async fn custom_rows(&self, clientid: &str) -> Vec<Vec<u8>> {
         self.client
-            .query("SELECT p FROM t WHERE c = $1", &[&clientid])
+            .query("SELECT p FROM t WHERE c = $1 ORDER BY id", &[&clientid])
             .await
             .unwrap()
             .iter()

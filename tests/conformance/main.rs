@@ -44,7 +44,7 @@ macro_rules! conformance {
             scenario!(first_subscribe_time_range_delivers_recent_messages);
             scenario!(out_of_order_acks_never_move_the_pointer_back);
             scenario!(stored_messages_older_than_message_ttl_are_deleted);
-            scenario!(custom_actions_bind_username_peerhost_and_node);
+            scenario!(rules_run_in_n_order_and_bind_username_peerhost_node);
         }
     };
 }

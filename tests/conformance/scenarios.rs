@@ -538,12 +538,13 @@ pub async fn stored_messages_older_than_message_ttl_are_deleted<K: Kit>() {
     .await;
 }
 
-/// SPEC §2 [beyond]: `${username}`, `${peerhost}` and `${node}` bind in custom actions.
-pub async fn custom_actions_bind_username_peerhost_and_node<K: Kit>() {
+/// SPEC §2 [beyond]: `${username}`, `${peerhost}` and `${node}` bind in custom actions; and
+/// §1.4: rules of one hook run in `N` order, whatever their order in the file.
+pub async fn rules_run_in_n_order_and_bind_username_peerhost_node<K: Kit>() {
     let kit = K::new().await;
     let db = K::DB;
     let mut conf = kit.plugin_conf();
-    for (n, var) in [(10, "username"), (11, "peerhost"), (12, "node")] {
+    for (n, var) in [(12, "node"), (10, "username"), (11, "peerhost")] {
         let action = kit.custom_text_action().replace("${payload}", &format!("${{{var}}}"));
         conf.push_str(&format!(
             "backend.{db}.hook.client.connected.{n} = {{\"action\": {action}, \"pool\": \"pool1\"}}\n"
@@ -559,8 +560,7 @@ pub async fn custom_actions_bind_username_peerhost_and_node<K: Kit>() {
         (rows.len() == 3).then_some(rows)
     })
     .await;
-    let mut got: Vec<String> = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
-    got.sort();
-    // The test brokers run as node `test@127.0.0.1` (tests/common).
-    assert_eq!(got, vec!["127.0.0.1", "alice", "test@127.0.0.1"]);
+    let got: Vec<String> = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
+    // N = 10, 11, 12; the test brokers run as node `test@127.0.0.1` (tests/common).
+    assert_eq!(got, vec!["alice", "127.0.0.1", "test@127.0.0.1"]);
 }
