@@ -53,11 +53,10 @@ impl TlsFiles {
 
     /// A client configuration verifying the server as `verify` says.
     pub fn client_config_verifying(&self, verify: Verify) -> Result<rustls::ClientConfig, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let full = self.client_config()?;
         if verify == Verify::Full {
-            return Ok(full);
+            return self.client_config();
         }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
