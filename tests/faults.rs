@@ -370,3 +370,64 @@ async fn a_connection_lost_mid_batch_does_not_rerun_committed_statements() {
     );
     assert!(broker.log().contains("database is back"), "{}", broker.log());
 }
+
+/// SPEC 2/2.1: a payload the column cannot take (invalid UTF-8 into text) is a refused
+/// statement, logged and counted as the rule's failure; the list's next statement runs and the
+/// writer goes on (it used to take the conversion error for an outage and retry it forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_column_refuses_is_counted_and_the_writer_goes_on() {
+    if skipped("pgsql") {
+        eprintln!("SKIPPED: pgsql test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let pg = PgServer::start();
+    let db = pg_connect(&pg.url().parse().unwrap()).await;
+    db.batch_execute("CREATE TABLE words (w text); CREATE TABLE seen (c text)")
+        .await
+        .unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\n\
+         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"txt/#\", \"action\": {{\"sql\": [\"insert into words values (${{payload}})\", \"insert into seen values (${{clientid}})\"]}}, \"pool\": \"pool1\"}}\n",
+        pg.port
+    );
+    let broker = BrokerProc::start_with("pgsql", &conf, &format!("metrics.listen = 127.0.0.1:{metrics}"));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port()).parse().unwrap();
+    let p = connect(addr, &unique("pub"), true).await;
+    p.publish("txt/a", QoS::AtLeastOnce, false, vec![0xff, 0xfe, b'x']).await;
+    p.publish("txt/b", QoS::AtLeastOnce, false, "fine").await;
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    eventually("the valid word stored after the refused one", Duration::from_secs(10), || async {
+        (count("SELECT count(*) FROM words WHERE w = 'fine'").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count("SELECT count(*) FROM words").await,
+        1,
+        "the invalid payload is not stored mangled"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM seen").await,
+        2,
+        "the statement after the refused one still ran"
+    );
+    let body = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let rule = "{rule=\"pgsql.hook.message.publish.1\"}";
+    assert!(body.contains(&format!("mqtt_persist_rule_failed_total{rule} 1")), "{body}");
+    assert!(body.contains(&format!("mqtt_persist_rule_success_total{rule} 1")), "{body}");
+    assert!(
+        !broker.log().contains("database write failed"),
+        "no outage was declared:\n{}",
+        broker.log()
+    );
+}

@@ -153,12 +153,20 @@ impl BackendError {
 
 pub type BResult<T> = Result<T, BackendError>;
 
+/// A batch that was applied, with the ops in it where a custom statement or command was
+/// refused (SPEC 2.1: logged, the next one runs), so their rules count a failure.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Indices into the batch.
+    pub refused: Vec<usize>,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// `db:pool`.
     fn label(&self) -> &str;
     /// Apply ops in order. On error the batch may be partly applied; the queue retries it from
     /// `BackendError::applied` on (builtin ops are idempotent; custom ones at least once).
-    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>>;
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>>;
     /// Stored messages for a new subscription (SPEC §3.1), oldest first.
     fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;
     /// Retained messages whose topic matches `filter` (SPEC §3.2).

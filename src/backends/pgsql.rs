@@ -4,7 +4,7 @@
 //! or sent unnamed (`prepare = off`) for PgBouncer in transaction mode — bound either way.
 
 use super::tls::Verify;
-use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp, Written};
 use crate::actions::Statement;
 use crate::config::{ConfError, PoolConf};
 use crate::hooks::{Message, Value};
@@ -109,8 +109,21 @@ fn classify(e: &tokio_postgres::Error) -> BackendError {
                 applied: 0,
             }
         }
+        // A value our binding could not convert is refused data, not an outage.
+        None if is_conversion(e) => BackendError::permanent(format!("{e}: {}", e.source().map(|s| s.to_string()).unwrap_or_default())),
         None => BackendError::transient(e.to_string()),
     }
+}
+
+fn is_conversion(e: &tokio_postgres::Error) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.downcast_ref::<Conversion>().is_some() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> BackendError {
@@ -346,7 +359,8 @@ impl PgBackend {
         .await
     }
 
-    async fn single(&self, c: &deadpool_postgres::Object, op: &WriteOp) -> Result<(), tokio_postgres::Error> {
+    /// One op on its own; `Ok(true)` when a custom statement in it was refused (and skipped).
+    async fn single(&self, c: &deadpool_postgres::Object, op: &WriteOp) -> Result<bool, tokio_postgres::Error> {
         use Type as T;
         match op {
             WriteOp::ClientConnected {
@@ -405,6 +419,7 @@ impl PgBackend {
                 .await?;
             }
             WriteOp::Statements { stmts, params } => {
+                let mut refused = false;
                 for (st, ps) in stmts.iter().zip(params) {
                     // Autocommit per statement: a failing one is logged and the next runs.
                     if let Err(e) = self.custom(c, st, ps).await {
@@ -413,8 +428,10 @@ impl PgBackend {
                             return Err(e);
                         }
                         tracing::warn!(pool = %self.label, statement = %st.text, error = %be, "custom statement failed");
+                        refused = true;
                     }
                 }
+                return Ok(refused);
             }
             WriteOp::StoreMessage { msg, .. } => {
                 self.store_many(c, "mqtt_msg", &[msg]).await?;
@@ -430,7 +447,7 @@ impl PgBackend {
             }
             WriteOp::Commands { .. } => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A user statement: values converted to the parameter types the server reports.
@@ -486,8 +503,34 @@ impl Bind<'_> {
     }
 }
 
+/// A value that cannot take the parameter's type (invalid UTF-8 for text, "abc" for an
+/// integer): the data is refused, never a reason to retry.
+#[derive(Debug)]
+struct Conversion(String);
+
+impl std::fmt::Display for Conversion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for Conversion {}
+
 impl ToSql for Bind<'_> {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        self.encode(ty, out)
+            .map_err(|e| Box::new(Conversion(e.to_string())) as Box<dyn StdError + Sync + Send>)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl Bind<'_> {
+    fn encode(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
         if matches!(self.0, Value::Null) {
             return Ok(IsNull::Yes);
         }
@@ -532,12 +575,6 @@ impl ToSql for Bind<'_> {
             }
         }
     }
-
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-
-    tokio_postgres::types::to_sql_checked!();
 }
 
 impl Backend for PgBackend {
@@ -545,12 +582,13 @@ impl Backend for PgBackend {
         &self.label
     }
 
-    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {
         Box::pin(async move {
             let c = self.client().await?;
             let r = async {
                 // Every statement runs in autocommit: ops[..committed] are in the database.
                 let mut committed = 0;
+                let mut written = Written::default();
                 let mut i = 0;
                 while i < ops.len() {
                     let kind = std::mem::discriminant(&ops[i]);
@@ -598,11 +636,18 @@ impl Backend for PgBackend {
                             // before it are done, and the retry must not run them again.
                             let mut r = Ok(());
                             for op in run {
-                                r = self.single(&c, op).await;
-                                if r.is_err() {
-                                    break;
+                                match self.single(&c, op).await {
+                                    Ok(refused) => {
+                                        if refused {
+                                            written.refused.push(committed);
+                                        }
+                                        committed += 1;
+                                    }
+                                    Err(e) => {
+                                        r = Err(e);
+                                        break;
+                                    }
                                 }
-                                committed += 1;
                             }
                             r
                         }
@@ -611,7 +656,7 @@ impl Backend for PgBackend {
                     i = j;
                     committed = j;
                 }
-                Ok(())
+                Ok(written)
             }
             .await;
             c.release();

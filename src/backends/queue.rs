@@ -241,14 +241,14 @@ impl Writer {
                 }
             }
             match timed(self.timeout, self.backend.write(ops_left)).await {
-                Ok(()) => {
+                Ok(written) => {
                     self.back();
-                    succeeded(jobs_left);
+                    committed(jobs_left, &written.refused);
                     return;
                 }
                 Err(e) => {
                     let applied = e.applied.min(ops_left.len());
-                    succeeded(&jobs_left[..applied]);
+                    committed(&jobs_left[..applied], &[]);
                     done += applied;
                     if done == ops.len() {
                         return;
@@ -336,7 +336,7 @@ impl Writer {
         };
         for batch in &batches {
             match timed(self.timeout, self.backend.write(batch)).await {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(e) if e.transient => {
                     self.down(&e);
                     return false;
@@ -344,7 +344,7 @@ impl Writer {
                 Err(_) => {
                     for op in batch {
                         match timed(self.timeout, self.backend.write(std::slice::from_ref(op))).await {
-                            Ok(()) => {}
+                            Ok(_) => {}
                             Err(e) if e.transient => {
                                 self.down(&e);
                                 return false;
@@ -378,8 +378,8 @@ impl Writer {
         for (op, j) in ops.iter().zip(jobs) {
             loop {
                 match timed(self.timeout, self.backend.write(std::slice::from_ref(op))).await {
-                    Ok(()) => {
-                        RuleMetrics::inc(&j.rule.success);
+                    Ok(written) => {
+                        committed(std::slice::from_ref(j), &written.refused);
                         break;
                     }
                     Err(e) if e.transient => {
@@ -398,10 +398,15 @@ impl Writer {
     }
 }
 
-/// Counts committed jobs and their enqueue-to-commit latency.
-fn succeeded(jobs: &[Job]) {
-    for j in jobs {
-        RuleMetrics::inc(&j.rule.success);
+/// Counts applied jobs and their enqueue-to-commit latency: a success, or a failure where a
+/// custom statement of the job was refused (`refused`: indices into `jobs`).
+fn committed(jobs: &[Job], refused: &[usize]) {
+    for (i, j) in jobs.iter().enumerate() {
+        if refused.contains(&i) {
+            RuleMetrics::inc(&j.rule.failed);
+        } else {
+            RuleMetrics::inc(&j.rule.success);
+        }
         j.rule.observe(j.queued_at.elapsed());
     }
 }

@@ -7,7 +7,7 @@
 //! sorted sets of topic names): a filter's literal prefix selects the candidate topics with
 //! one range query, so a subscribe costs O(matching topics), not O(all keys).
 
-use super::{keep_newest, BResult, Backend, BackendError, ControlSink, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use super::{keep_newest, BResult, Backend, BackendError, ControlSink, FetchKind, FetchRequest, StoredMessage, WriteOp, Written};
 use crate::broker::Control;
 use crate::config::{ConfError, PoolConf};
 use crate::hooks::Message;
@@ -596,7 +596,7 @@ impl Backend for RedisBackend {
         &self.label
     }
 
-    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {
         Box::pin(async move {
             let mut p = redis::pipe();
             let mut custom_alone = Vec::new();
@@ -616,7 +616,7 @@ impl Backend for RedisBackend {
                     }
                     // Non-pipelined custom command lists run one by one: a failing command is
                     // logged and the next still runs (EMQX semantics).
-                    WriteOp::Commands { pipeline: false, args, .. } if args.len() > 1 => custom_alone.push(&ops[i]),
+                    WriteOp::Commands { pipeline: false, args, .. } if args.len() > 1 => custom_alone.push(i),
                     op => Self::add_op(&mut p, op),
                 }
                 i += 1;
@@ -624,8 +624,9 @@ impl Backend for RedisBackend {
             if p.cmd_iter().next().is_some() {
                 self.run_pipe::<()>(&p).await?;
             }
-            for op in custom_alone {
-                if let WriteOp::Commands { args, .. } = op {
+            let mut written = Written::default();
+            for i in custom_alone {
+                if let WriteOp::Commands { args, .. } = &ops[i] {
                     for a in args {
                         let mut c = redis::cmd(&String::from_utf8_lossy(&a[0]));
                         for x in &a[1..] {
@@ -636,11 +637,14 @@ impl Backend for RedisBackend {
                                 return Err(e);
                             }
                             tracing::warn!(pool = %self.label, error = %e, "custom command failed");
+                            if written.refused.last() != Some(&i) {
+                                written.refused.push(i);
+                            }
                         }
                     }
                 }
             }
-            Ok(())
+            Ok(written)
         })
     }
 

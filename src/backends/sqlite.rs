@@ -1,7 +1,7 @@
 //! SQLite: the embedded, zero-setup default. One writer connection in WAL mode applies each
 //! batch in a single transaction; a second connection serves reads while writes go on.
 
-use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp, Written};
 use crate::config::{ConfError, PoolConf};
 use crate::hooks::Value;
 use crate::topic;
@@ -126,7 +126,8 @@ fn to_sql(v: &Value) -> rusqlite::types::Value {
     }
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
+/// Applies one op; `Ok(true)` when a custom statement in it was refused (and skipped).
+fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool> {
     match op {
         WriteOp::ClientConnected {
             clientid,
@@ -192,6 +193,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
                 .execute(params![&**topic, *msgid as i64])?;
         }
         WriteOp::Statements { stmts, params } => {
+            let mut refused = false;
             for (st, ps) in stmts.iter().zip(params) {
                 // A failing statement is logged and the next one runs (EMQX semantics).
                 let r = tx
@@ -202,12 +204,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<()> {
                         return Err(e);
                     }
                     tracing::warn!(statement = %st.text, error = %e, "custom statement failed");
+                    refused = true;
                 }
             }
+            return Ok(refused);
         }
         WriteOp::Commands { .. } => {}
     }
-    Ok(())
+    Ok(false)
 }
 
 const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
@@ -275,14 +279,18 @@ impl Backend for SqliteBackend {
         &self.label
     }
 
-    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<()>> {
+    fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {
         let ops = ops.to_vec();
         Box::pin(Self::blocking(&self.writer, move |c| {
             let tx = c.transaction().map_err(classify)?;
-            for op in &ops {
-                apply(&tx, op).map_err(classify)?;
+            let mut written = Written::default();
+            for (i, op) in ops.iter().enumerate() {
+                if apply(&tx, op).map_err(classify)? {
+                    written.refused.push(i);
+                }
             }
-            tx.commit().map_err(classify)
+            tx.commit().map_err(classify)?;
+            Ok(written)
         }))
     }
 
