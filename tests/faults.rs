@@ -8,11 +8,31 @@ use common::*;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 use std::time::{Duration, Instant};
 
+/// `pool1` on a throwaway PostgreSQL: its `postgres` database, quick to give up connecting.
+fn pg_pool(port: u16) -> String {
+    format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{port}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 1000\n"
+    )
+}
+
 fn pg_conf(port: u16) -> String {
     format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{port}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.pool_size = 2\nbackend.pgsql.pool1.auto_create_schema = on\nbackend.pgsql.pool1.connect_timeout = 1000\n\
-         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n"
+        "{}backend.pgsql.pool1.pool_size = 2\nbackend.pgsql.pool1.auto_create_schema = on\n\
+         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n",
+        pg_pool(port)
     )
+}
+
+/// A throwaway PostgreSQL with `schema` applied, and a client on it.
+async fn throwaway_pg(schema: &str) -> (PgServer, tokio_postgres::Client) {
+    let pg = PgServer::start();
+    let db = pg_connect(&pg.url().parse().unwrap()).await;
+    db.batch_execute(schema).await.unwrap();
+    (pg, db)
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +94,7 @@ async fn a_frozen_postgres_opens_the_circuit_and_nothing_waits_on_it() {
     );
     let topic = unique("freeze/");
     // Frozen from 2 s to 10 s; at 5 s (the first write timed out at ~3 s) a client subscribes.
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port()).parse().unwrap();
+    let addr = broker.addr;
     let filter = format!("{topic}/#");
     let subscriber = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -209,14 +229,12 @@ async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
         eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
         return;
     }
-    let pg = PgServer::start();
-    let db = pg_connect(&pg.url().parse().unwrap()).await;
-    db.batch_execute(mqtt_persist::backends::pgsql::SCHEMA).await.unwrap();
+    let (pg, db) = throwaway_pg(mqtt_persist::backends::pgsql::SCHEMA).await;
     let spool = tempfile::tempdir().unwrap();
     let conf = format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 1000\nbackend.pgsql.spool.dir = {}\n\
+        "{}backend.pgsql.spool.dir = {}\n\
          backend.pgsql.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"pool1\"}}\n",
-        pg.port,
+        pg_pool(pg.port),
         spool.path().display()
     );
     let broker = BrokerProc::start("pgsql", &conf);
@@ -330,40 +348,25 @@ async fn a_connection_lost_mid_batch_does_not_rerun_committed_statements() {
         eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
         return;
     }
-    let pg = PgServer::start();
-    let db = pg_connect(&pg.url().parse().unwrap()).await;
-    db.batch_execute("CREATE TABLE seen (p text); CREATE TABLE killed (n int)")
-        .await
-        .unwrap();
+    let (pg, db) = throwaway_pg("CREATE TABLE seen (p text); CREATE TABLE killed (n int)").await;
     // The kill rule's second statement terminates its own connection the first time only.
     let conf = format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\nbackend.pgsql.pool1.connect_timeout = 1000\n\
-         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"seen/#\", \"action\": {{\"sql\": [\"insert into seen values (${{payload}})\"]}}, \"pool\": \"pool1\"}}\n\
+        "{}backend.pgsql.hook.message.publish.1 = {{\"topic\": \"seen/#\", \"action\": {{\"sql\": [\"insert into seen values (${{payload}})\"]}}, \"pool\": \"pool1\"}}\n\
          backend.pgsql.hook.message.publish.2 = {{\"topic\": \"kill/#\", \"action\": {{\"sql\": [\"insert into killed values (1)\", \"select pg_terminate_backend(pg_backend_pid()) where (select count(*) from killed) = 1\"]}}, \"pool\": \"pool1\"}}\n",
-        pg.port
+        pg_pool(pg.port)
     );
     // Both publishes wait for each other in one batch.
     let broker = BrokerProc::start_with("pgsql", &conf, "persist.batch_linger = 300000");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port()).parse().unwrap();
-    let p = connect(addr, &unique("pub"), true).await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
     p.publish("seen/x", QoS::AtLeastOnce, false, "once").await;
     p.publish("kill/x", QoS::AtLeastOnce, false, "k").await;
-    let count = |table: &'static str| {
-        let db = &db;
-        async move {
-            db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     eventually("the batch retried after the lost connection", Duration::from_secs(15), || async {
-        (count("killed").await == 2).then_some(())
+        (count(&db, "SELECT count(*) FROM killed").await == 2).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        count("seen").await,
+        count(&db, "SELECT count(*) FROM seen").await,
         1,
         "the statement committed before the loss ran once:\n{}",
         broker.log()
@@ -380,48 +383,31 @@ async fn a_value_the_column_refuses_is_counted_and_the_writer_goes_on() {
         eprintln!("SKIPPED: pgsql test (MQTT_PERSIST_SKIP)");
         return;
     }
-    let pg = PgServer::start();
-    let db = pg_connect(&pg.url().parse().unwrap()).await;
-    db.batch_execute("CREATE TABLE words (w text); CREATE TABLE seen (c text)")
-        .await
-        .unwrap();
+    let (pg, db) = throwaway_pg("CREATE TABLE words (w text); CREATE TABLE seen (c text)").await;
     let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let conf = format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = root\nbackend.pgsql.pool1.database = postgres\n\
-         backend.pgsql.hook.message.publish.1 = {{\"topic\": \"txt/#\", \"action\": {{\"sql\": [\"insert into words values (${{payload}})\", \"insert into seen values (${{clientid}})\"]}}, \"pool\": \"pool1\"}}\n",
-        pg.port
+        "{}backend.pgsql.hook.message.publish.1 = {{\"topic\": \"txt/#\", \"action\": {{\"sql\": [\"insert into words values (${{payload}})\", \"insert into seen values (${{clientid}})\"]}}, \"pool\": \"pool1\"}}\n",
+        pg_pool(pg.port)
     );
     let broker = BrokerProc::start_with("pgsql", &conf, &format!("metrics.listen = 127.0.0.1:{metrics}"));
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port()).parse().unwrap();
-    let p = connect(addr, &unique("pub"), true).await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
     p.publish("txt/a", QoS::AtLeastOnce, false, vec![0xff, 0xfe, b'x']).await;
     p.publish("txt/b", QoS::AtLeastOnce, false, "fine").await;
-    let count = |sql: &'static str| {
-        let db = &db;
-        async move { db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
-    };
     eventually("the valid word stored after the refused one", Duration::from_secs(10), || async {
-        (count("SELECT count(*) FROM words WHERE w = 'fine'").await == 1).then_some(())
+        (count(&db, "SELECT count(*) FROM words WHERE w = 'fine'").await == 1).then_some(())
     })
     .await;
     assert_eq!(
-        count("SELECT count(*) FROM words").await,
+        count(&db, "SELECT count(*) FROM words").await,
         1,
         "the invalid payload is not stored mangled"
     );
     assert_eq!(
-        count("SELECT count(*) FROM seen").await,
+        count(&db, "SELECT count(*) FROM seen").await,
         2,
         "the statement after the refused one still ran"
     );
-    let body = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
+    let body = metrics_text(metrics).await;
     let rule = "{rule=\"pgsql.hook.message.publish.1\"}";
     assert!(body.contains(&format!("mqtt_persist_rule_failed_total{rule} 1")), "{body}");
     assert!(body.contains(&format!("mqtt_persist_rule_success_total{rule} 1")), "{body}");

@@ -69,15 +69,6 @@ async fn a_reload_with_a_broken_conf_keeps_the_old_rules_and_names_file_and_line
     .await;
 }
 
-async fn http_get(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
     let kit = SqliteKit::new().await;
@@ -89,7 +80,7 @@ async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
         p.publish(&t, QoS::AtLeastOnce, false, "x").await;
     }
     eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 3).then_some(()) }).await;
-    let body = http_get(&format!("127.0.0.1:{port}")).await;
+    let body = metrics_text(port).await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("mqtt_persist_connections 1"), "{body}");
     assert!(body.contains("mqtt_persist_pool_connected{pool=\"sqlite:pool1\"} 1"), "{body}");
@@ -115,7 +106,7 @@ async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
     .await;
     let rule_success = "mqtt_persist_rule_success_total{rule=\"sqlite.hook.message.publish.1\"} ";
     eventually("the success counter continued across the reload", WAIT, || async {
-        let body = http_get(&format!("127.0.0.1:{port}")).await;
+        let body = metrics_text(port).await;
         body.lines().any(|l| l == format!("{rule_success}4")).then_some(())
     })
     .await;

@@ -251,6 +251,16 @@ impl Client {
     }
 }
 
+/// The broker's Prometheus page on `127.0.0.1:port` (`metrics.listen`), status line included.
+pub async fn metrics_text(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// Poll `f` until it returns Some, or panic after `wait` with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, wait: Duration, mut f: F) -> T
 where

@@ -15,6 +15,15 @@ async fn state_of<K: Kit>(kit: &K, id: &str, want: i64) {
     .await;
 }
 
+/// A QoS 1 subscription that goes away at once: the database creates its read pointer at the
+/// newest stored message, so what is published afterwards is "offline" for this client.
+async fn first_subscription(addr: std::net::SocketAddr, id: &str, filter: &str, clean: bool) {
+    let c = connect(addr, id, clean).await;
+    c.subscribe(filter, QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.disconnect().await;
+}
+
 pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
     let kit = K::new().await;
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
@@ -74,10 +83,7 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
     let base = unique("o");
     let filter = format!("{base}/#");
     let id = unique("dev");
-    let a = connect(broker.addr, &id, false).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &filter, false).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for i in 0..3 {
         p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, format!("m{i}")).await;
@@ -115,10 +121,7 @@ pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
     let base = unique("ps");
     let filter = format!("{base}/+");
     let id = unique("dev");
-    let a = connect(broker.addr, &id, false).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &filter, false).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for i in 0..4 {
         p.publish(&format!("{base}/t"), QoS::AtLeastOnce, false, format!("q{i}")).await;
@@ -199,10 +202,7 @@ pub async fn binary_payloads_round_trip_through_offline_fetch<K: Kit>() {
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
     let base = unique("bin");
     let id = unique("dev");
-    let a = connect(broker.addr, &id, false).await;
-    a.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &format!("{base}/#"), false).await;
     let payload: Vec<u8> = (0..=255u8).chain([0xc3, 0x28, 0xa0, 0xa1]).collect();
     let p = connect(broker.addr, &unique("pub"), true).await;
     p.publish(&format!("{base}/b"), QoS::AtLeastOnce, false, payload.clone()).await;
@@ -221,10 +221,7 @@ pub async fn wildcard_fetch_delivers_only_matching_topics<K: Kit>() {
     let base = unique("wc");
     let id = unique("dev");
     let filter = format!("{base}/+/temp");
-    let a = connect(broker.addr, &id, false).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &filter, false).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for t in ["k1/temp", "k2/temp", "k1/hum", "k1/temp/x"] {
         p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, false, t.as_bytes().to_vec())
@@ -335,10 +332,7 @@ pub async fn offline_fetch_returns_the_newest_n_at_the_lower_qos<K: Kit>() {
     let (a_id, c_id) = (unique("dev"), unique("dev0"));
     // First subscriptions: pointers start at the newest stored message.
     for id in [&a_id, &c_id] {
-        let c = connect(broker.addr, id, true).await;
-        c.subscribe(&filter, QoS::AtLeastOnce).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        c.disconnect().await;
+        first_subscription(broker.addr, id, &filter, true).await;
     }
     let p = connect(broker.addr, &unique("pub"), true).await;
     let topic = format!("{base}/x");
@@ -375,10 +369,7 @@ pub async fn unsubscribe_deletes_the_pointer<K: Kit>() {
     let filter = format!("{base}/#");
     let topic = format!("{base}/x");
     let id = unique("dev");
-    let a = connect(broker.addr, &id, true).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &filter, true).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     p.publish(&topic, QoS::AtLeastOnce, false, "kept").await;
     eventually("stored", WAIT, || async { (kit.stored_count(&topic).await == 1).then_some(()) }).await;
@@ -411,10 +402,7 @@ pub async fn leading_wildcards_do_not_fetch_dollar_topics<K: Kit>() {
     let u = unique("d");
     let filter = format!("+/{u}");
     let id = unique("dev");
-    let a = connect(broker.addr, &id, true).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &filter, true).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     let (hidden, shown) = (format!("$sys/{u}"), format!("n/{u}"));
     p.publish(&hidden, QoS::AtLeastOnce, false, "hidden").await;
@@ -494,10 +482,7 @@ pub async fn out_of_order_acks_never_move_the_pointer_back<K: Kit>() {
     let filter = format!("{base}/#");
     let topic = format!("{base}/x");
     let id = unique("dev");
-    let a = connect(broker.addr, &id, true).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.disconnect().await;
+    first_subscription(broker.addr, &id, &filter, true).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for m in ["m0", "m1", "m2"] {
         p.publish(&topic, QoS::AtLeastOnce, false, m).await;
