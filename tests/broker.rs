@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use common::kits::{Kit, SqliteKit};
 use common::*;
 use rumqttc::QoS;
-use rumqttd::protocol::{v4::V4, Connect, LastWill, Packet, Protocol};
+use rumqttd::protocol::{v4::V4, LastWill, Packet, Protocol};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,23 +18,6 @@ async fn broker() -> (SqliteKit, BrokerProc) {
     let kit = SqliteKit::new().await;
     let b = BrokerProc::start("sqlite", &kit.plugin_conf());
     (kit, b)
-}
-
-/// A raw v3.1.1 connection: CONNECT written by rumqttd's own codec.
-async fn raw_connect(addr: std::net::SocketAddr, id: &str, keepalive: u16, will: Option<LastWill>) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut buf = BytesMut::new();
-    let c = Connect {
-        keep_alive: keepalive,
-        client_id: id.into(),
-        clean_session: true,
-    };
-    V4.write(Packet::Connect(c, None, will, None, None), &mut buf).unwrap();
-    s.write_all(&buf).await.unwrap();
-    let mut ack = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await.unwrap().unwrap();
-    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK success");
-    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,6 +121,8 @@ struct Session {
     codec: Codec,
     tx: LinkTx,
     to_router: Vec<Packet>,
+    /// Storage writes of the publishes in `to_router`, queued after them (see [`Session::flush`]).
+    to_store: Vec<(Arc<Message>, Option<Arc<Ticket>>)>,
     wbuf: BytesMut,
     subs: HashMap<Arc<str>, u8>,
     meta: bool,
@@ -259,6 +261,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         codec: codec.clone(),
         tx,
         to_router: Vec::new(),
+        to_store: Vec::new(),
         wbuf: BytesMut::with_capacity(16 * 1024),
         subs,
         out_meta: vec![None; 101],
@@ -384,7 +387,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                 break Ok(());
             }
         }
-        if let Err(e) = s.flush_router() {
+        if let Err(e) = s.flush().await {
             s.reason = "router_closed";
             break Err(e);
         }
@@ -436,6 +439,27 @@ impl Session {
             .map_err(|e| ConnError::Protocol(format!("router link closed: {e}")))
     }
 
+    /// Routes what was read, then queues the storage writes of its publishes. In that order,
+    /// subscribers get a message without waiting for the storage thread to wake up and take
+    /// its share of the CPU first (it measurably cut publish→deliver p99 on 2 cores); the
+    /// PUBACK still waits for the commit. Any other event of this client flushes first, so
+    /// its writes keep the client's event order.
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        self.flush_router()?;
+        self.queue_stores().await;
+        Ok(())
+    }
+
+    async fn queue_stores(&mut self) {
+        if !self.to_store.is_empty() {
+            let mut pending = std::mem::take(&mut self.to_store);
+            for (msg, ticket) in pending.drain(..) {
+                self.d.publish(&msg, ticket.as_ref()).await;
+            }
+            self.to_store = pending;
+        }
+    }
+
     /// After a reload, this connection's next events use the new rules.
     fn refresh_rules(&mut self) {
         let g = self.engine.generation();
@@ -463,6 +487,9 @@ impl Session {
     }
 
     async fn incoming(&mut self, p: Packet, hdr: Option<(u8, u16)>) -> Result<(), ConnError> {
+        if !self.to_store.is_empty() && !matches!(p, Packet::Publish(..)) {
+            self.flush().await?;
+        }
         match p {
             Packet::Publish(publish, props) => {
                 let (qos, pkid) = hdr.unwrap_or((0, 0));
@@ -536,9 +563,9 @@ impl Session {
                     self.held.insert(pkid, HeldAck::default());
                     self.tickets.insert(seq, pkid);
                     let ticket = Ticket::new(seq, self.done_tx.clone());
-                    self.d.publish(&msg, Some(&ticket)).await;
+                    self.to_store.push((msg.clone(), Some(ticket)));
                 } else {
-                    self.d.publish(&msg, None).await;
+                    self.to_store.push((msg.clone(), None));
                 }
                 if publish.retain && self.d.retain_in_db(topic) {
                     publish.retain = false;
@@ -630,6 +657,15 @@ impl Session {
             new.push((Arc::<str>::from(f.path.as_str()), q, is_new));
         }
         self.sync_session();
+        // The hook's writes are queued now, before anything this client sends next (an
+        // UNSUBSCRIBE in the same read must not overtake them); only the reads run apart.
+        for (filter, qos, _) in &new {
+            self.d.fire(&Event::Subscribed {
+                client: self.client.clone(),
+                filter: filter.clone(),
+                qos: *qos,
+            });
+        }
         let lookups = self.d.has(Hook::SessionSubscribed).then(|| {
             let d = self.d.clone();
             let client = self.client.clone();
@@ -917,6 +953,7 @@ impl Session {
     }
 
     async fn close(&mut self, link_open: bool) {
+        self.queue_stores().await;
         if let Some((will, props)) = self.will.take() {
             if self.reason != "normal" {
                 self.publish_will(will, props).await;

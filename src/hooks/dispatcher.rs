@@ -297,15 +297,10 @@ impl Dispatcher {
         }
     }
 
-    /// `session.subscribed`: queue custom writes, then read what must be delivered to this
-    /// client before the subscription's live traffic. `is_new`: new in this session.
+    /// `session.subscribed`'s reads: what must be delivered to this client before the
+    /// subscription's live traffic (the hook's writes go through [`Dispatcher::fire`], in the
+    /// client's event order). `is_new`: new in this session.
     pub async fn subscribed(&self, client: &Arc<Client>, filter: &Arc<str>, qos: u8, is_new: bool) -> Vec<Injection> {
-        let ev = Event::Subscribed {
-            client: client.clone(),
-            filter: filter.clone(),
-            qos,
-        };
-        self.fire(&ev);
         let mut out: Vec<Injection> = Vec::new();
         let mut seen = HashSet::new();
         for b in self.rules(Hook::SessionSubscribed) {

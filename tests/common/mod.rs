@@ -6,12 +6,14 @@ pub mod kits;
 pub mod servers;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttd::protocol::{v4::V4, Protocol};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// A unique name per test (and per process), for topics, client ids, databases.
@@ -252,6 +254,41 @@ impl Client {
 }
 
 /// The broker's Prometheus page on `127.0.0.1:port` (`metrics.listen`), status line included.
+/// A raw v3.1.1 connection: CONNECT written by rumqttd's own codec.
+pub async fn raw_connect(
+    addr: std::net::SocketAddr,
+    id: &str,
+    keepalive: u16,
+    will: Option<rumqttd::protocol::LastWill>,
+) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let c = rumqttd::protocol::Connect {
+        keep_alive: keepalive,
+        client_id: id.into(),
+        clean_session: true,
+    };
+    V4.write(rumqttd::protocol::Packet::Connect(c, None, will, None, None), &mut buf)
+        .unwrap();
+    s.write_all(&buf).await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut ack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK success");
+    s
+}
+
+/// `packets` encoded back to back, to be sent in one write (so the broker reads them at once).
+pub fn v4_bytes(packets: Vec<rumqttd::protocol::Packet>) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    for p in packets {
+        V4.write(p, &mut buf).unwrap();
+    }
+    buf.to_vec()
+}
+
 pub async fn metrics_text(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();

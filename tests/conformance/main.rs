@@ -45,6 +45,7 @@ macro_rules! conformance {
             scenario!(out_of_order_acks_never_move_the_pointer_back);
             scenario!(stored_messages_older_than_message_ttl_are_deleted);
             scenario!(rules_run_in_n_order_and_bind_username_peerhost_node);
+            scenario!(one_clients_writes_keep_its_event_order);
         }
     };
 }

@@ -549,3 +549,86 @@ pub async fn rules_run_in_n_order_and_bind_username_peerhost_node<K: Kit>() {
     // N = 10, 11, 12; the test brokers run as node `test@127.0.0.1` (tests/common).
     assert_eq!(got, vec!["alice", "127.0.0.1", "test@127.0.0.1"]);
 }
+
+/// SPEC §5: writes keep per-client order. Publishes, an UNSUBSCRIBE between them and a
+/// SUBSCRIBE, all in one TCP write (the broker reads them at once), then DISCONNECT: the
+/// custom rows of every hook come out in the order the client sent them.
+pub async fn one_clients_writes_keep_its_event_order<K: Kit>() {
+    use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Filter, Packet, QoS as Q, RetainForwardRule, Subscribe, Unsubscribe};
+    use tokio::io::AsyncWriteExt;
+    let kit = K::new().await;
+    let db = K::DB;
+    let mut conf = kit.plugin_conf();
+    for (hook, var) in [
+        ("message.publish", "payload"),
+        ("session.subscribed", "topic"),
+        ("session.unsubscribed", "topic"),
+        ("client.disconnected", "reason"),
+    ] {
+        let action = match var {
+            "payload" => kit.custom_action(),
+            _ => kit.custom_text_action().replace("${payload}", &format!("${{{var}}}")),
+        };
+        conf.push_str(&format!(
+            "backend.{db}.hook.{hook}.20 = {{\"action\": {action}, \"pool\": \"pool1\"}}\n"
+        ));
+    }
+    let broker = BrokerProc::start(K::DB, &conf);
+    let id = unique("order");
+    let mut s = raw_connect(broker.addr, &id, 30, None).await;
+    let publish = |payload: &str, qos: u8, pkid: u16| {
+        Packet::Publish(
+            mqtt_persist::broker::wire::build_publish(format!("{id}/t").as_bytes(), payload.as_bytes(), qos, false, pkid),
+            None,
+        )
+    };
+    let filter = |path: &str| Filter {
+        path: path.into(),
+        qos: Q::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    };
+    let bytes = v4_bytes(vec![
+        publish("p1", 1, 1),
+        Packet::Subscribe(
+            Subscribe {
+                pkid: 2,
+                filters: vec![filter("o/a")],
+            },
+            None,
+        ),
+        publish("p2", 0, 0),
+        Packet::Unsubscribe(
+            Unsubscribe {
+                pkid: 3,
+                filters: vec!["o/a".into()],
+            },
+            None,
+        ),
+        publish("p3", 1, 4),
+        publish("p4", 1, 5),
+        Packet::Subscribe(
+            Subscribe {
+                pkid: 6,
+                filters: vec![filter("o/b")],
+            },
+            None,
+        ),
+        Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        ),
+    ]);
+    s.write_all(&bytes).await.unwrap();
+    let want = ["p1", "o/a", "p2", "o/a", "p3", "p4", "o/b", "normal"];
+    let rows = eventually("eight custom rows", WAIT, || async {
+        let rows = kit.custom_rows(&id).await;
+        (rows.len() >= want.len()).then_some(rows)
+    })
+    .await;
+    let got: Vec<String> = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
+    assert_eq!(got, want, "rows in the order the client's packets came");
+}
