@@ -148,16 +148,27 @@ fn thread_nice(pid: u32, name: &str) -> Vec<i64> {
 async fn low_storage_priority_lowers_only_the_database_threads() {
     let kit = SqliteKit::new().await;
     let broker = BrokerProc::start_with("sqlite", &kit.plugin_conf(), "persist.storage_priority = low");
-    let store = thread_nice(broker.pid(), "mqtt-store");
-    assert!(!store.is_empty() && store.iter().all(|n| *n == 10), "storage threads: {store:?}");
-    let conn = thread_nice(broker.pid(), "mqtt-conn");
-    assert!(!conn.is_empty() && conn.iter().all(|n| *n == 0), "connection threads: {conn:?}");
+    // A new thread names (and renices) itself once it runs: wait for that, not for a moment.
+    let pid = broker.pid();
+    eventually("storage threads at nice 10", WAIT, || async {
+        let store = thread_nice(pid, "mqtt-store");
+        (!store.is_empty() && store.iter().all(|n| *n == 10)).then_some(())
+    })
+    .await;
+    let conn = eventually("named connection threads", WAIT, || async {
+        Some(thread_nice(pid, "mqtt-conn")).filter(|c| !c.is_empty())
+    })
+    .await;
+    assert!(conn.iter().all(|n| *n == 0), "connection threads: {conn:?}");
     // And storage still works at that priority.
     let p = connect(broker.addr, &unique("pub"), true).await;
     let t = format!("{}/low", unique("prio"));
     p.publish(&t, QoS::AtLeastOnce, false, "x").await;
     eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
     let normal = BrokerProc::start("sqlite", &kit.plugin_conf());
-    let store = thread_nice(normal.pid(), "mqtt-store");
-    assert!(!store.is_empty() && store.iter().all(|n| *n == 0), "default: {store:?}");
+    let store = eventually("named storage threads", WAIT, || async {
+        Some(thread_nice(normal.pid(), "mqtt-store")).filter(|s| !s.is_empty())
+    })
+    .await;
+    assert!(store.iter().all(|n| *n == 0), "default: {store:?}");
 }
