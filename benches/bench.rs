@@ -643,15 +643,16 @@ async fn noloss() {
 }
 
 /// publish→deliver p99 at a fixed rate, with persistence (no-loss) vs without, for each
-/// database (or only `BENCH_LAT_DB`): both brokers run side by side, rounds alternate, the
-/// median p99 of 5 rounds is reported (a single sub-millisecond p99 on 2 shared cores is
+/// database (or those listed in `BENCH_LAT_DB`, comma-separated): both brokers run side by
+/// side, rounds alternate, the median p99 of `BENCH_ROUNDS` (5) rounds is reported (a single sub-millisecond p99 on 2 shared cores is
 /// mostly scheduling noise).
 async fn latency() {
     let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(5_000);
     let extra = std::env::var("BENCH_EXTRA").unwrap_or_default().replace(';', "\n");
     let only = std::env::var("BENCH_LAT_DB").ok();
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
     for db in ["sqlite", "redis", "pgsql"] {
-        if only.as_deref().is_some_and(|o| o != db) {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|o| o == db)) {
             continue;
         }
         let (_pg, plugin) = match db {
@@ -668,9 +669,9 @@ async fn latency() {
                 )
             }
         };
-        let (with, without) = p99_side_by_side(rate, (db, plugin), &extra).await;
+        let (with, without) = p99_side_by_side(rate, rounds, (db, plugin), &extra).await;
         row(
-            &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of 5 alternating rounds)"),
+            &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of {rounds} alternating rounds)"),
             &format!("with {db} persistence (no-loss)"),
             with,
             "without persistence",
@@ -680,12 +681,12 @@ async fn latency() {
     }
 }
 
-async fn p99_side_by_side(rate: u64, plugin: (&str, String), extra: &str) -> (f64, f64) {
+async fn p99_side_by_side(rate: u64, rounds: usize, plugin: (&str, String), extra: &str) -> (f64, f64) {
     let n = rate * 3;
     let (_d1, with_db) = our_broker(Some(plugin), extra).await;
     let (_d2, without) = our_broker(None, extra).await;
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    for round in 0..5 {
+    for round in 0..rounds {
         for (addr, out) in [(with_db.addr, &mut a), (without.addr, &mut b)] {
             let topic = format!("bench/lat/{round}/{}", addr.port());
             let mut sub = Raw::connect(addr, &format!("lsub{round}-{}", addr.port())).await;
