@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// User property carrying `msgid:qos:timestamp:sender` from publisher to subscriber links.
@@ -135,6 +135,8 @@ struct Session {
     next_seq: u64,
     done_tx: mpsc::UnboundedSender<u64>,
     pending_subs: VecDeque<PendingSub>,
+    /// Filters whose subscribe reads may still run; the receiver errs once they are done.
+    lookups_running: Vec<(Arc<str>, watch::Receiver<()>)>,
     recent_injected: HashSet<u64>,
     will: Option<(rumqttd::protocol::LastWill, Option<rumqttd::protocol::LastWillProperties>)>,
     reason: &'static str,
@@ -273,6 +275,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         next_seq: 0,
         done_tx,
         pending_subs: VecDeque::new(),
+        lookups_running: Vec::new(),
         recent_injected: HashSet::new(),
         will: will.map(|w| (w, will_props)),
         reason: "normal",
@@ -518,7 +521,7 @@ impl Session {
             }
             Packet::PubRel(rel, _) => self.to_router.push(Packet::PubRel(rel, None)),
             Packet::Subscribe(sub, props) => self.subscribe(sub, props),
-            Packet::Unsubscribe(unsub, _) => self.unsubscribe(unsub),
+            Packet::Unsubscribe(unsub, _) => self.unsubscribe(unsub).await,
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
             Packet::Disconnect(d, _) => {
                 if d.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {
@@ -669,7 +672,11 @@ impl Session {
         let lookups = self.d.has(Hook::SessionSubscribed).then(|| {
             let d = self.d.clone();
             let client = self.client.clone();
+            let (running, done) = watch::channel(());
+            self.lookups_running.retain(|(_, r)| r.has_changed().is_ok());
+            self.lookups_running.extend(new.iter().map(|(f, _, _)| (f.clone(), done.clone())));
             tokio::spawn(async move {
+                let _running = running;
                 let mut out = Vec::new();
                 for (filter, qos, is_new) in new {
                     let found = d.subscribed(&client, &filter, qos, is_new).await;
@@ -682,9 +689,14 @@ impl Session {
         self.to_router.push(Packet::Subscribe(sub, props));
     }
 
-    fn unsubscribe(&mut self, unsub: Unsubscribe) {
+    async fn unsubscribe(&mut self, unsub: Unsubscribe) {
         let mut reasons = Vec::new();
         for f in &unsub.filters {
+            // The subscribe's reads may still create this filter's read pointer: its delete
+            // must come after (bounded by fetch_timeout per read; rare: same filter, same ms).
+            for (_, done) in self.lookups_running.iter_mut().filter(|(g, _)| **g == **f) {
+                let _ = done.changed().await;
+            }
             let existed = self.subs.remove(f.as_str()).is_some();
             reasons.push(if existed {
                 UnsubAckReason::Success

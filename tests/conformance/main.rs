@@ -46,6 +46,7 @@ macro_rules! conformance {
             scenario!(stored_messages_older_than_message_ttl_are_deleted);
             scenario!(rules_run_in_n_order_and_bind_username_peerhost_node);
             scenario!(one_clients_writes_keep_its_event_order);
+            scenario!(an_unsubscribe_right_after_the_subscribe_leaves_no_pointer);
         }
     };
 }

@@ -632,3 +632,50 @@ pub async fn one_clients_writes_keep_its_event_order<K: Kit>() {
     let got: Vec<String> = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
     assert_eq!(got, want, "rows in the order the client's packets came");
 }
+
+/// SUBSCRIBE and UNSUBSCRIBE in one TCP write: the unsubscribe's pointer delete must come after
+/// the pointer the subscribe's fetch creates, or a later subscription would get what was
+/// published while the client was not subscribed.
+pub async fn an_unsubscribe_right_after_the_subscribe_leaves_no_pointer<K: Kit>() {
+    use rumqttd::protocol::{Filter, Packet, QoS as Q, RetainForwardRule, Subscribe, Unsubscribe};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("su");
+    let filter = format!("{base}/#");
+    let topic = format!("{base}/x");
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, "before").await;
+    eventually("stored", WAIT, || async { (kit.stored_count(&topic).await == 1).then_some(()) }).await;
+    let id = unique("dev");
+    let mut s = raw_connect(broker.addr, &id, 30, None).await;
+    let f = Filter {
+        path: filter.clone(),
+        qos: Q::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    };
+    s.write_all(&v4_bytes(vec![
+        Packet::Subscribe(Subscribe { pkid: 1, filters: vec![f] }, None),
+        Packet::Unsubscribe(
+            Unsubscribe {
+                pkid: 2,
+                filters: vec![filter.clone()],
+            },
+            None,
+        ),
+    ]))
+    .await
+    .unwrap();
+    // SUBACK (5 bytes) and UNSUBACK (4 bytes) come back; then leave.
+    let mut acks = [0u8; 9];
+    tokio::time::timeout(WAIT, s.read_exact(&mut acks)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+    p.publish(&topic, QoS::AtLeastOnce, false, "while away").await;
+    eventually("2 stored", WAIT, || async { (kit.stored_count(&topic).await == 2).then_some(()) }).await;
+    let mut a = connect(broker.addr, &id, true).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    a.expect_none(Duration::from_secs(1)).await;
+}
