@@ -140,3 +140,27 @@ async fn a_sentinel_pool_writes_to_the_master_the_sentinel_names() {
     })
     .await;
 }
+
+/// The `message_ttl` cleanup deletes in chunks of 1000 (one reply or pipeline per million old
+/// messages would stall the server): 2500 old messages of one topic all go, hashes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_ttl_cleanup_deletes_more_than_one_chunk() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let kit = RedisKit::alone().await;
+    let broker = BrokerProc::start("redis", &format!("{}backend.redis.message_ttl = 4s\n", kit.plugin_conf()));
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let t = format!("{}/ttl", unique("chunks"));
+    for i in 0..2500 {
+        p.publish(&t, QoS::AtLeastOnce, false, format!("{i}")).await;
+    }
+    eventually("2500 stored", WAIT, || async { (kit.stored_count(&t).await == 2500).then_some(()) }).await;
+    eventually("all deleted after the TTL", WAIT, || async {
+        (kit.stored_count(&t).await == 0).then_some(())
+    })
+    .await;
+    let hashes: Vec<String> = kit.cmd(redis::cmd("KEYS").arg("mqtt:msg:[0-9]*")).await;
+    assert!(hashes.is_empty(), "{} message hashes left", hashes.len());
+}

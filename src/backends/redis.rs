@@ -719,21 +719,35 @@ impl Backend for RedisBackend {
             let bound = pad((before_ms.max(0) as u64) << 22);
             let topics: Vec<String> = self.run(redis::cmd("ZRANGEBYLEX").arg(TOPICS_MSG).arg("-").arg("+")).await?;
             let mut total = 0u64;
+            // In chunks: a topic with a million old messages is a million keys, and one reply
+            // or pipeline of that size would stall the server and this pool.
+            const CHUNK: usize = 1000;
             for t in topics {
                 let zkey = format!("mqtt:msg:{t}");
-                let old: Vec<String> = self
-                    .run(redis::cmd("ZRANGEBYLEX").arg(&zkey).arg("-").arg(format!("({bound}")))
-                    .await?;
-                if old.is_empty() {
-                    continue;
+                loop {
+                    let old: Vec<String> = self
+                        .run(
+                            redis::cmd("ZRANGEBYLEX")
+                                .arg(&zkey)
+                                .arg("-")
+                                .arg(format!("({bound}"))
+                                .arg("LIMIT")
+                                .arg(0)
+                                .arg(CHUNK),
+                        )
+                        .await?;
+                    let Some(last) = old.last() else { break };
+                    let mut p = redis::pipe();
+                    for id in &old {
+                        p.cmd("DEL").arg(format!("mqtt:msg:{}", id.parse::<u64>().unwrap_or(0))).ignore();
+                    }
+                    p.cmd("ZREMRANGEBYLEX").arg(&zkey).arg("-").arg(format!("[{last}")).ignore();
+                    self.run_pipe::<()>(&p).await?;
+                    total += old.len() as u64;
+                    if old.len() < CHUNK {
+                        break;
+                    }
                 }
-                let mut p = redis::pipe();
-                for id in &old {
-                    p.cmd("DEL").arg(format!("mqtt:msg:{}", id.parse::<u64>().unwrap_or(0))).ignore();
-                }
-                p.cmd("ZREMRANGEBYLEX").arg(&zkey).arg("-").arg(format!("({bound}")).ignore();
-                self.run_pipe::<()>(&p).await?;
-                total += old.len() as u64;
             }
             Ok(total)
         })

@@ -8,6 +8,11 @@ pub trait Kit: Sized {
     const DB: &'static str;
     /// Fresh, isolated storage (file, database, key space) with the custom table `t(c, p)`.
     async fn new() -> Self;
+    /// Storage no other test touches, for a scenario whose broker acts on all stored data
+    /// (the `message_ttl` cleanup deletes every old message, not only the test's own).
+    async fn alone() -> Self {
+        Self::new().await
+    }
     /// `backend.<db>.pool1.*` lines.
     fn pool_conf(&self) -> String;
     /// The action of a custom rule that stores `${clientid}` and `${payload}` into `t`.
@@ -266,18 +271,22 @@ pub async fn redis_connect(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 impl RedisKit {
-    pub async fn cmd<T: redis::FromRedisValue>(&self, c: &mut redis::Cmd) -> T {
-        c.query_async(&mut self.conn.clone()).await.unwrap()
-    }
-}
-
-impl Kit for RedisKit {
-    const DB: &'static str = "redis";
-
-    async fn new() -> Self {
-        let url = redis_url();
-        let conn = redis_connect(&url).await;
-        let info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+    /// On the server of `REDIS_URL`, in its database or in `db`.
+    async fn on(db: Option<i64>) -> Self {
+        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(redis_url().as_str()).unwrap();
+        if let Some(db) = db {
+            info.redis.db = db;
+        }
+        let conn = redis::Client::open(info.clone())
+            .expect("REDIS_URL")
+            .get_multiplexed_tokio_connection()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Redis at {} is unreachable ({e}); start it or set MQTT_PERSIST_SKIP=redis",
+                    redis_url()
+                )
+            });
         let (host, port) = match info.addr {
             redis::ConnectionAddr::Tcp(h, p) => (h, p),
             _ => ("127.0.0.1".into(), 6379),
@@ -290,6 +299,25 @@ impl Kit for RedisKit {
             conf.push_str(&format!("backend.redis.pool1.password = {p}\n"));
         }
         RedisKit { conn, conf }
+    }
+
+    pub async fn cmd<T: redis::FromRedisValue>(&self, c: &mut redis::Cmd) -> T {
+        c.query_async(&mut self.conn.clone()).await.unwrap()
+    }
+}
+
+impl Kit for RedisKit {
+    const DB: &'static str = "redis";
+
+    async fn new() -> Self {
+        Self::on(None).await
+    }
+
+    /// The last of Redis's 16 databases, emptied first: only this kind of scenario uses it.
+    async fn alone() -> Self {
+        let kit = Self::on(Some(15)).await;
+        kit.cmd::<()>(&mut redis::cmd("FLUSHDB")).await;
+        kit
     }
 
     fn pool_conf(&self) -> String {

@@ -509,7 +509,7 @@ pub async fn out_of_order_acks_never_move_the_pointer_back<K: Kit>() {
 
 /// SPEC §3.3: `backend.<db>.message_ttl` removes older stored messages, off the hot path.
 pub async fn stored_messages_older_than_message_ttl_are_deleted<K: Kit>() {
-    let kit = K::new().await;
+    let kit = K::alone().await;
     let db = K::DB;
     let conf = format!("{}backend.{db}.message_ttl = 2s\n", kit.plugin_conf());
     let broker = BrokerProc::start(K::DB, &conf);
