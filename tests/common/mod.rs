@@ -280,6 +280,17 @@ pub async fn raw_connect(
     s
 }
 
+/// A QoS 1 subscription filter for a raw SUBSCRIBE.
+pub fn v4_filter(path: &str) -> rumqttd::protocol::Filter {
+    rumqttd::protocol::Filter {
+        path: path.into(),
+        qos: rumqttd::protocol::QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+    }
+}
+
 /// `packets` encoded back to back, to be sent in one write (so the broker reads them at once).
 pub fn v4_bytes(packets: Vec<rumqttd::protocol::Packet>) -> Vec<u8> {
     let mut buf = bytes::BytesMut::new();

@@ -554,7 +554,7 @@ pub async fn rules_run_in_n_order_and_bind_username_peerhost_node<K: Kit>() {
 /// SUBSCRIBE, all in one TCP write (the broker reads them at once), then DISCONNECT: the
 /// custom rows of every hook come out in the order the client sent them.
 pub async fn one_clients_writes_keep_its_event_order<K: Kit>() {
-    use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Filter, Packet, QoS as Q, RetainForwardRule, Subscribe, Unsubscribe};
+    use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Subscribe, Unsubscribe};
     use tokio::io::AsyncWriteExt;
     let kit = K::new().await;
     let db = K::DB;
@@ -582,19 +582,12 @@ pub async fn one_clients_writes_keep_its_event_order<K: Kit>() {
             None,
         )
     };
-    let filter = |path: &str| Filter {
-        path: path.into(),
-        qos: Q::AtLeastOnce,
-        nolocal: false,
-        preserve_retain: false,
-        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-    };
     let bytes = v4_bytes(vec![
         publish("p1", 1, 1),
         Packet::Subscribe(
             Subscribe {
                 pkid: 2,
-                filters: vec![filter("o/a")],
+                filters: vec![v4_filter("o/a")],
             },
             None,
         ),
@@ -611,7 +604,7 @@ pub async fn one_clients_writes_keep_its_event_order<K: Kit>() {
         Packet::Subscribe(
             Subscribe {
                 pkid: 6,
-                filters: vec![filter("o/b")],
+                filters: vec![v4_filter("o/b")],
             },
             None,
         ),
@@ -637,7 +630,7 @@ pub async fn one_clients_writes_keep_its_event_order<K: Kit>() {
 /// the pointer the subscribe's fetch creates, or a later subscription would get what was
 /// published while the client was not subscribed.
 pub async fn an_unsubscribe_right_after_the_subscribe_leaves_no_pointer<K: Kit>() {
-    use rumqttd::protocol::{Filter, Packet, QoS as Q, RetainForwardRule, Subscribe, Unsubscribe};
+    use rumqttd::protocol::{Packet, Subscribe, Unsubscribe};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let kit = K::new().await;
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
@@ -649,15 +642,14 @@ pub async fn an_unsubscribe_right_after_the_subscribe_leaves_no_pointer<K: Kit>(
     eventually("stored", WAIT, || async { (kit.stored_count(&topic).await == 1).then_some(()) }).await;
     let id = unique("dev");
     let mut s = raw_connect(broker.addr, &id, 30, None).await;
-    let f = Filter {
-        path: filter.clone(),
-        qos: Q::AtLeastOnce,
-        nolocal: false,
-        preserve_retain: false,
-        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-    };
     s.write_all(&v4_bytes(vec![
-        Packet::Subscribe(Subscribe { pkid: 1, filters: vec![f] }, None),
+        Packet::Subscribe(
+            Subscribe {
+                pkid: 1,
+                filters: vec![v4_filter(&filter)],
+            },
+            None,
+        ),
         Packet::Unsubscribe(
             Unsubscribe {
                 pkid: 2,
