@@ -263,11 +263,16 @@ pub fn redis_url() -> String {
 }
 
 pub async fn redis_connect(url: &str) -> redis::aio::MultiplexedConnection {
-    let client = redis::Client::open(url).expect("REDIS_URL");
-    client
+    redis_connect_to(redis::IntoConnectionInfo::into_connection_info(url).expect("REDIS_URL"), url).await
+}
+
+/// `info` is where to connect; `shown` names it in the failure (no password in it).
+async fn redis_connect_to(info: redis::ConnectionInfo, shown: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(info)
+        .expect("REDIS_URL")
         .get_multiplexed_tokio_connection()
         .await
-        .unwrap_or_else(|e| panic!("Redis at {url} is unreachable ({e}); start it or set MQTT_PERSIST_SKIP=redis"))
+        .unwrap_or_else(|e| panic!("Redis at {shown} is unreachable ({e}); start it or set MQTT_PERSIST_SKIP=redis"))
 }
 
 impl RedisKit {
@@ -277,16 +282,7 @@ impl RedisKit {
         if let Some(db) = db {
             info.redis.db = db;
         }
-        let conn = redis::Client::open(info.clone())
-            .expect("REDIS_URL")
-            .get_multiplexed_tokio_connection()
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Redis at {} is unreachable ({e}); start it or set MQTT_PERSIST_SKIP=redis",
-                    redis_url()
-                )
-            });
+        let conn = redis_connect_to(info.clone(), &redis_url()).await;
         let (host, port) = match info.addr {
             redis::ConnectionAddr::Tcp(h, p) => (h, p),
             _ => ("127.0.0.1".into(), 6379),
