@@ -504,6 +504,12 @@ async fn pgsql() {
         "msg/s",
     );
     drop(c);
+    drop(ours);
+    pg_drop_db(&db).await;
+}
+
+/// Drops a database `pg_fresh_db` made, so runs leave nothing behind on the shared server.
+async fn pg_drop_db(db: &str) {
     let (admin, conn) = pg_url()
         .parse::<tokio_postgres::Config>()
         .unwrap()
@@ -511,15 +517,12 @@ async fn pgsql() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    drop(ours);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }
 
 async fn redis_bench() {
-    let url = redis_url();
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut c = client.get_multiplexed_tokio_connection().await.expect("Redis");
+    let mut c = redis_flushed().await;
     let n = 200_000u64;
     let payload = [b'x'; PAYLOAD];
     let ids = mqtt_persist::broker::engine::MsgIdGen::new(9);
@@ -576,6 +579,7 @@ async fn redis_bench() {
         stored += k;
     }
     assert_eq!(stored as u64, n, "every acked message is stored");
+    redis_flushed().await;
     row(
         &format!("Redis: QoS1 → message hashes + indexes (no-loss, 4 publishers, {n} msgs)"),
         "broker persisted",
@@ -586,13 +590,26 @@ async fn redis_bench() {
     );
 }
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+/// The server of `REDIS_URL`, database 14: a million benchmark keys (600 s TTL) must not sit
+/// in the database the tests and users share.
+fn redis_info() -> redis::ConnectionInfo {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+    info.redis.db = 14;
+    info
+}
+
+/// A connection to the benchmark's database, emptied.
+async fn redis_flushed() -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(redis_info()).unwrap();
+    let mut c = client.get_multiplexed_tokio_connection().await.expect("Redis");
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await.unwrap();
+    c
 }
 
 /// The Redis plugin conf for the broker under test: `on_message_publish` on every topic.
 fn redis_plugin() -> String {
-    let info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(redis_url().as_str()).unwrap();
+    let info = redis_info();
     let server = match info.addr {
         redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
         _ => "127.0.0.1:6379".into(),
@@ -630,7 +647,8 @@ async fn noloss() {
         }
         results.push(n as f64 / t0.elapsed().as_secs_f64());
         drop(ours);
-        let _ = db;
+        drop(c);
+        pg_drop_db(&db).await;
     }
     row(
         "PostgreSQL persisted throughput, until every row landed",
@@ -655,12 +673,15 @@ async fn latency() {
         if only.as_deref().is_some_and(|o| !o.split(',').any(|o| o == db)) {
             continue;
         }
-        let (_pg, plugin) = match db {
+        let (pg, plugin) = match db {
             "sqlite" => (
                 None,
                 format!("backend.sqlite.pool1.path = data/lat.db\nbackend.sqlite.hook.message.publish.1 = {PUBLISH_RULE}\n"),
             ),
-            "redis" => (None, redis_plugin()),
+            "redis" => {
+                redis_flushed().await;
+                (None, redis_plugin())
+            }
             _ => {
                 let (name, client, pool) = pg_fresh_db().await;
                 (
@@ -670,6 +691,14 @@ async fn latency() {
             }
         };
         let (with, without) = p99_side_by_side(rate, rounds, (db, plugin), &extra).await;
+        match pg {
+            Some((name, client)) => {
+                drop(client);
+                pg_drop_db(&name).await;
+            }
+            None if db == "redis" => drop(redis_flushed().await),
+            None => {}
+        }
         row(
             &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of {rounds} alternating rounds)"),
             &format!("with {db} persistence (no-loss)"),
