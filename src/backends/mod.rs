@@ -27,8 +27,8 @@ pub mod tls;
 /// One write, in the order the broker produced it. Every builtin op is idempotent, so a batch
 /// can be retried after an error whose outcome is unknown. Custom `Statements` / `Commands` are
 /// the user's and may not be: a backend that commits op by op reports the committed prefix
-/// ([`BackendError::applied`]) so the retry skips it; what it cannot vouch for runs again (at
-/// least once). Serializable for the disk spool.
+/// ([`BackendError::applied`], and [`BackendError::partial`] inside the next op's list) so the
+/// retry skips it; what it cannot vouch for runs again (at least once). Serializable for the disk spool.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     ClientConnected {
@@ -87,6 +87,20 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// This op without the first `n` statements of its list (they are committed); any other
+    /// op as it is.
+    pub fn rest_after(&self, n: usize) -> WriteOp {
+        match self {
+            WriteOp::Statements { stmts, params } if n > 0 => WriteOp::Statements {
+                stmts: stmts.iter().skip(n).cloned().collect(),
+                params: params.iter().skip(n).cloned().collect(),
+            },
+            other => other.clone(),
+        }
+    }
+}
+
 /// A message read back from a database.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
@@ -128,25 +142,32 @@ pub struct BackendError {
     /// How many ops at the start of the batch are known to be committed despite the error:
     /// the retry resumes after them, so a custom statement that already ran is not run again.
     pub applied: usize,
+    /// Of the op right after those, how many custom statements at the start of its list are
+    /// finished (committed or refused): the retry runs only the rest (see [`WriteOp::rest_after`]).
+    pub partial: usize,
 }
 
 impl BackendError {
-    pub fn transient(message: impl Into<String>) -> Self {
+    pub fn new(transient: bool, message: impl Into<String>) -> Self {
         BackendError {
-            transient: true,
+            transient,
             message: message.into(),
             applied: 0,
+            partial: 0,
         }
     }
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(true, message)
+    }
     pub fn permanent(message: impl Into<String>) -> Self {
-        BackendError {
-            transient: false,
-            message: message.into(),
-            applied: 0,
-        }
+        Self::new(false, message)
     }
     pub fn after(mut self, applied: usize) -> Self {
         self.applied = applied;
+        self
+    }
+    pub fn within(mut self, partial: usize) -> Self {
+        self.partial = partial;
         self
     }
 }

@@ -103,11 +103,7 @@ fn classify(e: &tokio_postgres::Error) -> BackendError {
             let code = db.code().code();
             // Connection, resources, operator intervention, serialization/deadlock: retry.
             let transient = ["08", "53", "57", "40", "58"].iter().any(|c| code.starts_with(c));
-            BackendError {
-                transient,
-                message: format!("{} ({code})", db.message()),
-                applied: 0,
-            }
+            BackendError::new(transient, format!("{} ({code})", db.message()))
         }
         // A value our binding could not convert is refused data, not an outage.
         None if is_conversion(e) => BackendError::permanent(format!("{e}: {}", e.source().map(|s| s.to_string()).unwrap_or_default())),
@@ -360,7 +356,9 @@ impl PgBackend {
     }
 
     /// One op on its own; `Ok(true)` when a custom statement in it was refused (and skipped).
-    async fn single(&self, c: &deadpool_postgres::Object, op: &WriteOp) -> Result<bool, tokio_postgres::Error> {
+    /// One op; `Ok(true)` when a custom statement of it was refused. `done` counts the custom
+    /// statements of its list that are finished (committed or refused), for a retry.
+    async fn single(&self, c: &deadpool_postgres::Object, op: &WriteOp, done: &mut usize) -> Result<bool, tokio_postgres::Error> {
         use Type as T;
         match op {
             WriteOp::ClientConnected {
@@ -430,6 +428,7 @@ impl PgBackend {
                         tracing::warn!(pool = %self.label, statement = %st.text, error = %be, "custom statement failed");
                         refused = true;
                     }
+                    *done += 1;
                 }
                 return Ok(refused);
             }
@@ -588,6 +587,8 @@ impl Backend for PgBackend {
             let r = async {
                 // Every statement runs in autocommit: ops[..committed] are in the database.
                 let mut committed = 0;
+                // Statements of ops[committed]'s list that are finished.
+                let mut partial = 0;
                 let mut written = Written::default();
                 let mut i = 0;
                 while i < ops.len() {
@@ -636,7 +637,8 @@ impl Backend for PgBackend {
                             // before it are done, and the retry must not run them again.
                             let mut r = Ok(());
                             for op in run {
-                                match self.single(&c, op).await {
+                                partial = 0;
+                                match self.single(&c, op, &mut partial).await {
                                     Ok(refused) => {
                                         if refused {
                                             written.refused.push(committed);
@@ -652,9 +654,10 @@ impl Backend for PgBackend {
                             r
                         }
                     };
-                    r.map_err(|e| classify(&e).after(committed))?;
+                    r.map_err(|e| classify(&e).after(committed).within(partial))?;
                     i = j;
                     committed = j;
+                    partial = 0;
                 }
                 Ok(written)
             }

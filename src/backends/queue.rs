@@ -222,7 +222,7 @@ impl Writer {
             ops.extend(jobs.iter().map(|j| j.op.clone()));
             self.metrics.in_flight.store(jobs.len() as u64, Relaxed);
             self.metrics.queue_depth.store(rx.len() as u64, Relaxed);
-            self.commit(&ops, &jobs, &mut spool).await;
+            self.commit(&mut ops, &jobs, &mut spool).await;
             ops.clear();
             jobs.clear(); // drops tickets: acks may go out now
             self.metrics.in_flight.store(0, Relaxed);
@@ -230,8 +230,9 @@ impl Writer {
     }
 
     /// Writes one batch until it is committed, spooled, or refused by the database. After a
-    /// failure the retry resumes after the ops the backend reports as already committed.
-    async fn commit(&mut self, ops: &[WriteOp], jobs: &[Job], spool: &mut Option<Spool>) {
+    /// failure the retry resumes after what the backend reports as already committed: whole
+    /// ops, then the first statements of the next op's list.
+    async fn commit(&mut self, ops: &mut [WriteOp], jobs: &[Job], spool: &mut Option<Spool>) {
         let mut done = 0;
         while done < ops.len() {
             let (ops_left, jobs_left) = (&ops[done..], &jobs[done..]);
@@ -252,6 +253,9 @@ impl Writer {
                     done += applied;
                     if done == ops.len() {
                         return;
+                    }
+                    if e.partial > 0 {
+                        ops[done] = ops[done].rest_after(e.partial);
                     }
                     if !e.transient {
                         // The data was refused: isolate the bad op so the rest commits.
@@ -376,13 +380,22 @@ impl Writer {
             return;
         }
         for (op, j) in ops.iter().zip(jobs) {
+            let mut rest: Option<WriteOp> = None;
             loop {
-                match timed(self.timeout, self.backend.write(std::slice::from_ref(op))).await {
+                let o = rest.as_ref().unwrap_or(op);
+                match timed(self.timeout, self.backend.write(std::slice::from_ref(o))).await {
                     Ok(written) => {
                         committed(std::slice::from_ref(j), &written.refused);
                         break;
                     }
+                    Err(e) if e.applied > 0 => {
+                        committed(std::slice::from_ref(j), &[]);
+                        break;
+                    }
                     Err(e) if e.transient => {
+                        if e.partial > 0 {
+                            rest = Some(o.rest_after(e.partial));
+                        }
                         RuleMetrics::inc(&j.rule.retried);
                         let wait = self.down(&e);
                         self.probe(wait).await;

@@ -222,11 +222,7 @@ fn classify(e: RedisError) -> BackendError {
         || e.is_connection_refusal()
         || e.is_timeout()
         || matches!(e.kind(), TryAgain | ClusterDown | BusyLoadingError | MasterDown | ReadOnly);
-    BackendError {
-        transient,
-        message: e.to_string(),
-        applied: 0,
-    }
+    BackendError::new(transient, e.to_string())
 }
 
 /// redis 0.27 feeds `factor` to backon as a multiplier on a 1 s base delay: the default (100)

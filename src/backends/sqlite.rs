@@ -104,11 +104,7 @@ fn is_transient(e: &rusqlite::Error) -> bool {
 }
 
 fn classify(e: rusqlite::Error) -> BackendError {
-    BackendError {
-        transient: is_transient(&e),
-        message: e.to_string(),
-        applied: 0,
-    }
+    BackendError::new(is_transient(&e), e.to_string())
 }
 
 fn to_sql(v: &Value) -> rusqlite::types::Value {
