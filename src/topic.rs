@@ -53,8 +53,17 @@ pub fn literal_prefix(filter: &str) -> &str {
     }
 }
 
+/// The topic one level above a trailing `#` that directly follows the literal prefix: `x` for
+/// `x/#`. `#` also matches its parent level (MQTT 4.7.1.2), and that topic lies outside the
+/// prefix `x/`, so scans by prefix must look it up as well.
+pub fn parent_level(filter: &str) -> Option<&str> {
+    let stem = filter.strip_suffix("/#")?;
+    (!stem.is_empty() && !has_wildcards(stem)).then_some(stem)
+}
+
 /// A half-open byte range `[lo, hi)` containing every topic a filter can match, for index range
-/// scans; `None` when the filter starts with a wildcard (no narrowing possible).
+/// scans; `None` when the filter starts with a wildcard (no narrowing possible). For `x/#` it
+/// starts at `x` itself (the parent level); callers still match each topic exactly.
 pub fn prefix_range(filter: &str) -> Option<(String, String)> {
     let prefix = literal_prefix(filter);
     if !has_wildcards(filter) {
@@ -62,7 +71,11 @@ pub fn prefix_range(filter: &str) -> Option<(String, String)> {
     }
     // A literal prefix before a wildcard level ends with '/', whose successor byte is '0'.
     let stem = prefix.strip_suffix('/')?;
-    Some((prefix.to_string(), format!("{stem}0")))
+    let lo = match parent_level(filter) {
+        Some(parent) => parent.to_string(),
+        None => prefix.to_string(),
+    };
+    Some((lo, format!("{stem}0")))
 }
 
 #[cfg(test)]
@@ -92,5 +105,19 @@ mod tests {
         assert!(!valid_topic("a/+"));
         assert_eq!(literal_prefix("a/b/+/c"), "a/b/");
         assert_eq!(literal_prefix("a/b"), "a/b");
+    }
+
+    #[test]
+    fn a_trailing_hash_range_includes_the_parent_level() {
+        assert_eq!(parent_level("x/#"), Some("x"));
+        assert_eq!(parent_level("a/b/#"), Some("a/b"));
+        assert_eq!(parent_level("a/+/#"), None);
+        assert_eq!(parent_level("#"), None);
+        let (lo, hi) = prefix_range("x/#").unwrap();
+        for t in ["x", "x/y", "x/y/z"] {
+            assert!(lo.as_str() <= t && t < hi.as_str(), "{t} in [{lo}, {hi})");
+        }
+        let (lo, hi) = prefix_range("a/+/c").unwrap();
+        assert!(lo.as_str() <= "a/b/c" && "a/b/c" < hi.as_str());
     }
 }

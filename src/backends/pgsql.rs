@@ -227,19 +227,21 @@ impl PgBackend {
     ) -> BResult<Vec<StoredMessage>> {
         let retain_col = if table == "mqtt_retain" { "true" } else { "retain" };
         let cols = format!("msgid, sender, topic, qos, {retain_col}, payload, arrived");
+        // `x/#` also matches `x` itself, which `LIKE 'x/%'` does not reach.
+        let parent: Option<&str> = topic::parent_level(filter);
         let (cond, pattern) = if !topic::has_wildcards(filter) {
-            ("topic = $1".to_string(), filter.to_string())
+            ("topic = $1", filter.to_string())
         } else {
             let prefix = topic::literal_prefix(filter);
             let escaped: String = prefix
                 .chars()
                 .flat_map(|c| if matches!(c, '\\' | '%' | '_') { vec!['\\', c] } else { vec![c] })
                 .collect();
-            ("topic LIKE $1".to_string(), format!("{escaped}%"))
+            ("(topic LIKE $1 OR topic = $4)", format!("{escaped}%"))
         };
         let sql = format!("SELECT {cols} FROM {table} WHERE {cond} AND msgid > $2 AND arrived >= $3 ORDER BY msgid DESC");
-        let params: [&(dyn ToSql + Sync); 3] = [&pattern, &min_msgid, &since];
-        let types = [Type::TEXT, Type::INT8, Type::INT8];
+        let params: [&(dyn ToSql + Sync); 4] = [&pattern, &min_msgid, &since, &parent];
+        let types = [Type::TEXT, Type::INT8, Type::INT8, Type::TEXT];
         let stream = if self.prepare {
             let st = c.prepare_typed_cached(&sql, &types).await.map_err(|e| classify(&e))?;
             c.query_raw(&st, params.iter().copied()).await.map_err(|e| classify(&e))?

@@ -47,6 +47,7 @@ macro_rules! conformance {
             scenario!(rules_run_in_n_order_and_bind_username_peerhost_node);
             scenario!(one_clients_writes_keep_its_event_order);
             scenario!(an_unsubscribe_right_after_the_subscribe_leaves_no_pointer);
+            scenario!(hash_filters_match_the_parent_level_in_fetch_and_retained);
         }
     };
 }

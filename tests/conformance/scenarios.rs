@@ -671,3 +671,48 @@ pub async fn an_unsubscribe_right_after_the_subscribe_leaves_no_pointer<K: Kit>(
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     a.expect_none(Duration::from_secs(1)).await;
 }
+
+/// MQTT 4.7.1.2: `x/#` also matches `x`. Offline fetch and the retained lookup both find the
+/// parent topic, and skip `x-y`, whose name shares the prefix characters.
+pub async fn hash_filters_match_the_parent_level_in_fetch_and_retained<K: Kit>() {
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("pl");
+    let filter = format!("{base}/#");
+    let (sibling, child) = (format!("{base}-y"), format!("{base}/a"));
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    for t in [&base, &child, &sibling] {
+        p.publish(t, QoS::AtLeastOnce, true, format!("r:{t}")).await;
+    }
+    for t in [&base, &child, &sibling] {
+        eventually("retained rows", WAIT, || async { kit.retained(t).await }).await;
+    }
+    let id = unique("dev");
+    first_subscription(broker.addr, &id, &filter, false).await;
+    for t in [&base, &child, &sibling] {
+        p.publish(t, QoS::AtLeastOnce, false, format!("o:{t}")).await;
+    }
+    eventually("offline messages stored", WAIT, || async {
+        (kit.stored_count(&base).await == 2 && kit.stored_count(&sibling).await == 2).then_some(())
+    })
+    .await;
+    p.disconnect().await;
+    let broker = broker.restart();
+    let mut a = connect(broker.addr, &id, false).await;
+    a.subscribe(&filter, QoS::AtLeastOnce).await;
+    let mut got: Vec<(bool, String)> = a
+        .expect(4, WAIT)
+        .await
+        .iter()
+        .map(|m| (m.retain, String::from_utf8_lossy(&m.payload).into_owned()))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (false, format!("o:{base}")),
+        (false, format!("o:{child}")),
+        (true, format!("r:{base}")),
+        (true, format!("r:{child}")),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+}
