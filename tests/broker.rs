@@ -58,6 +58,93 @@ async fn mqtt5_clients_keep_their_user_properties_and_never_see_internal_ones() 
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
 }
 
+/// A v5 client that sends a user property named like the broker's internal carrier can neither
+/// forge a message's metadata (msgid, sender) nor make a subscriber see it, in a PUBLISH or in
+/// its will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_internal_metadata_is_stripped_and_never_reaches_subscribers() {
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet as P5, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let kit = SqliteKit::new().await;
+    // Acks record the msgid the broker carried to the subscriber.
+    let conf = format!(
+        "{}backend.sqlite.hook.message.acked.9 = {{\"topic\": \"#\", \"action\": {{\"sql\": [\"insert into t(c, p) values (${{clientid}}, ${{msgid}})\"]}}, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let b = BrokerProc::start("sqlite", &conf);
+    let base = unique("forge");
+    let forged = || ("mqtt-persist-meta".to_string(), "1:0:victim".to_string());
+    let sub_id = unique("v5sub");
+    let mut o = MqttOptions::new(sub_id.clone(), "127.0.0.1", b.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut el) = AsyncClient::new(o, 100);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(P5::Publish(p)) = ev {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    sub.subscribe(format!("{base}/#"), Q5::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pub_id = unique("v5pub");
+    let mut o = MqttOptions::new(pub_id.clone(), "127.0.0.1", b.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let will_props = LastWillProperties {
+        delay_interval: None,
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: vec![forged(), ("w".into(), "1".into())],
+    };
+    o.set_last_will(LastWill::new(
+        format!("{base}/will"),
+        "gone",
+        Q5::AtLeastOnce,
+        false,
+        Some(will_props),
+    ));
+    let (publ, mut el2) = AsyncClient::new(o, 100);
+    let pub_task = tokio::spawn(async move { while el2.poll().await.is_ok() {} });
+    let props = PublishProperties {
+        user_properties: vec![("a".into(), "1".into()), forged(), ("b".into(), "2".into()), forged()],
+        ..Default::default()
+    };
+    publ.publish_with_properties(format!("{base}/x"), Q5::AtLeastOnce, false, "hi", props)
+        .await
+        .unwrap();
+    let p = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&p.payload[..], b"hi");
+    let user = p.properties.map(|p| p.user_properties).unwrap_or_default();
+    assert_eq!(user, vec![("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())]);
+    // The stored row and the ack carry the broker's own msgid and sender.
+    let topic = format!("{base}/x");
+    let (msgid, sender) = eventually("stored message", WAIT, || async {
+        kit.conn()
+            .query_row("SELECT msgid, sender FROM mqtt_msg WHERE topic = ?1", [&topic], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .ok()
+    })
+    .await;
+    assert_eq!(sender, pub_id);
+    let acked: i64 = eventually("the ack's custom row", WAIT, || async {
+        kit.conn().query_row("SELECT p FROM t WHERE c = ?1", [&sub_id], |r| r.get(0)).ok()
+    })
+    .await;
+    assert_eq!(acked, msgid, "the ack carried the stored msgid");
+    // The will: the forged property is gone, the client's own one stays.
+    pub_task.abort();
+    let w = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&w.payload[..], b"gone");
+    let user = w.properties.map(|p| p.user_properties).unwrap_or_default();
+    assert_eq!(user, vec![("w".to_string(), "1".to_string())]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_messages_flow_end_to_end_and_are_stored() {
     let (kit, b) = broker().await;

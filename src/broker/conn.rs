@@ -63,11 +63,28 @@ fn encode_meta(m: &Message) -> (String, String) {
     (META_KEY.to_string(), format!("{}:{}:{}", m.msgid, m.timestamp, m.sender))
 }
 
+/// Removes every user property named like the broker's carrier. Applied to each PUBLISH and
+/// will a client sends, before the broker adds its own: a property of that name inside the
+/// router was always set by the broker, so a client can neither forge metadata nor read it.
+fn strip_meta(props: &mut Option<PublishProperties>) {
+    if let Some(p) = props.as_mut() {
+        if p.user_properties.iter().any(|(k, _)| k == META_KEY) {
+            p.user_properties.retain(|(k, _)| k != META_KEY);
+            if *p == PublishProperties::default() {
+                *props = None;
+            }
+        }
+    }
+}
+
+/// The broker's metadata of a routed message, removed from its properties (every copy of the
+/// carrier goes, whatever the parse, so none reaches a subscriber).
 fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
     let p = props.as_mut()?;
-    let i = p.user_properties.iter().position(|(k, _)| k == META_KEY)?;
+    let i = p.user_properties.iter().rposition(|(k, _)| k == META_KEY)?;
     let (_, v) = p.user_properties.remove(i);
-    if *p == PublishProperties::default() {
+    strip_meta(props);
+    if props.as_ref().is_some_and(|p| *p == PublishProperties::default()) {
         *props = None;
     }
     let mut it = v.splitn(3, ':');
@@ -542,6 +559,7 @@ impl Session {
         if !crate::topic::valid_topic(topic) {
             return Err(ConnError::Protocol(format!("invalid topic name {topic:?}")));
         }
+        strip_meta(&mut props);
         self.engine
             .metrics
             .broker
@@ -801,7 +819,9 @@ impl Session {
     }
 
     fn forward(&mut self, mut f: Forward) {
-        let meta = if self.meta { take_meta(&mut f.properties) } else { None };
+        // Always taken off, even when this connection's rules do not read it (a publisher on
+        // another rule generation may have added it).
+        let meta = take_meta(&mut f.properties).filter(|_| self.meta);
         if !self.codec.is_v5() {
             f.properties = None;
         }
@@ -1014,6 +1034,7 @@ impl Session {
             content_type: p.content_type,
             ..Default::default()
         });
+        strip_meta(&mut p);
         if self.meta {
             p.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
         }

@@ -73,7 +73,7 @@ pub struct SqliteKit {
 }
 
 impl SqliteKit {
-    fn conn(&self) -> rusqlite::Connection {
+    pub fn conn(&self) -> rusqlite::Connection {
         let c = rusqlite::Connection::open(&self.path).unwrap();
         c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
         c
