@@ -1,6 +1,7 @@
 //! Wiring: configuration → pools and queues → dispatcher → engine → listener.
 //! Used by `mqtt-persist run` and by the tests, which start brokers in-process on port 0.
 
+use crate::backends::deadletter::DeadLetter;
 use crate::backends::queue::{Spool, WriteQueue, WriterConf};
 use crate::broker::{self, Engine};
 use crate::config::{ConfError, Config};
@@ -49,7 +50,7 @@ impl Drop for Broker {
 }
 
 /// Connects every pool of every loaded backend and builds the dispatcher.
-pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Dispatcher, Vec<ConfError>> {
+pub async fn build_dispatcher(conf: &Config, registry: &Registry, dead: &Arc<DeadLetter>) -> Result<Dispatcher, Vec<ConfError>> {
     let mut pools = BTreeMap::new();
     let mut errors = Vec::new();
     for b in &conf.backends {
@@ -76,7 +77,7 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry) -> Result<Disp
                         linger: conf.broker.batch_linger,
                         timeout: conf.broker.write_timeout,
                     };
-                    let queue = WriteQueue::spawn(backend.clone(), writer, spool);
+                    let queue = WriteQueue::spawn(backend.clone(), writer, spool, dead.clone());
                     pools.insert(pool.label(), Arc::new(Pool { backend, queue }));
                 }
                 Err(e) => errors.push(e),
@@ -120,7 +121,7 @@ fn spawn_ttl_cleanup(pool: std::sync::Weak<Pool>, ttl: std::time::Duration) {
 pub async fn reload(engine: &Arc<Engine>, etc: &std::path::Path, overrides: &crate::config::Overrides) -> Result<usize, String> {
     let conf = Config::load(etc, overrides).map_err(|e| e.to_string())?;
     let rules = conf.rules().count();
-    let dispatcher = prepare(&engine.storage, conf, engine.metrics.clone()).await?;
+    let dispatcher = prepare(&engine.storage, conf, engine.metrics.clone(), engine.dead_letter.clone()).await?;
     start_control(engine, &dispatcher);
     engine.set_dispatcher(dispatcher);
     Ok(rules)
@@ -128,9 +129,14 @@ pub async fn reload(engine: &Arc<Engine>, etc: &std::path::Path, overrides: &cra
 
 /// Builds the dispatcher on the storage runtime, so pools, writers and their connection
 /// tasks live there.
-async fn prepare(storage: &tokio::runtime::Handle, conf: Config, registry: Arc<Registry>) -> Result<Arc<Dispatcher>, String> {
+async fn prepare(
+    storage: &tokio::runtime::Handle,
+    conf: Config,
+    registry: Arc<Registry>,
+    dead: Arc<DeadLetter>,
+) -> Result<Arc<Dispatcher>, String> {
     storage
-        .spawn(async move { build_dispatcher(&conf, &registry).await })
+        .spawn(async move { build_dispatcher(&conf, &registry, &dead).await })
         .await
         .map_err(|e| format!("pool setup failed: {e}"))?
         .map(Arc::new)
@@ -181,7 +187,8 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
     let registry = Arc::new(Registry::default());
     let storage_rt = Background(Some(storage_runtime(conf.broker.storage_low_priority)?));
     let storage = storage_rt.0.as_ref().expect("just built").handle().clone();
-    let dispatcher = prepare(&storage, conf.clone(), registry.clone()).await?;
+    let dead = DeadLetter::new(conf.broker.data_dir.join("dead-letter.jsonl"), registry.clone());
+    let dispatcher = prepare(&storage, conf.clone(), registry.clone(), dead.clone()).await?;
     let listener = broker::bind(&conf.broker.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let conn_rt = Background(Some(
@@ -194,7 +201,7 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
     ));
     let conn = conn_rt.0.as_ref().expect("just built").handle().clone();
     let listener = listener.into_std().map_err(|e| e.to_string())?;
-    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage);
+    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage, dead);
     start_control(&engine, &dispatcher);
     let accept = {
         let _guard = conn.enter();

@@ -56,6 +56,8 @@ pub struct BrokerMetrics {
     pub connections: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
+    /// Records written to the dead-letter file.
+    pub dead_lettered: AtomicU64,
 }
 
 /// Everything the `/metrics` endpoint shows.
@@ -84,6 +86,11 @@ impl Registry {
             out,
             "# TYPE mqtt_persist_messages_out_total counter\nmqtt_persist_messages_out_total {}",
             b.messages_out.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mqtt_persist_dead_letter_total counter\nmqtt_persist_dead_letter_total {}",
+            b.dead_lettered.load(Relaxed)
         );
         for p in self.pools.lock().iter().filter_map(Weak::upgrade) {
             let _ = writeln!(

@@ -145,6 +145,109 @@ async fn forged_internal_metadata_is_stripped_and_never_reaches_subscribers() {
     assert_eq!(user, vec![("w".to_string(), "1".to_string())]);
 }
 
+/// The next packet of a raw MQTT 5 connection.
+async fn read_v5(s: &mut tokio::net::TcpStream, rbuf: &mut BytesMut) -> Packet {
+    use rumqttd::protocol::v5::V5;
+    loop {
+        match V5.read_mut(rbuf, 1 << 20) {
+            Ok(p) => return p,
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
+                tokio::time::timeout(WAIT, s.read_buf(rbuf)).await.expect("a packet").unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// No PUBACK for a write that did not commit: a v5 publisher whose message a database refuses
+/// gets reason code 0x80 (QoS 1 and 2); a v3.1.1 publisher, which has no negative ack, is acked
+/// only once the message is in the dead-letter file, counted in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_is_never_acked_as_stored() {
+    let kit = SqliteKit::new().await;
+    kit.conn().execute_batch("CREATE TABLE refuse (p BLOB CHECK (p <> 'bad'))").unwrap();
+    let conf = format!(
+        "{}backend.sqlite.hook.message.publish.10 = {{\"topic\": \"refuse/#\", \"action\": {{\"sql\": [\"insert into refuse(p) values (${{payload}})\"]}}, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let b = BrokerProc::start_with("sqlite", &conf, &format!("metrics.listen = 127.0.0.1:{metrics_port}\n"));
+    let topic = format!("refuse/{}", unique("x"));
+    // MQTT 5: the refused message gets 0x80, the next one is acked as usual. (A raw client:
+    // rumqttc ends its event loop on a failed PUBACK.)
+    use rumqttd::protocol::{v5::V5, PubAckReason, PubRecReason};
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    let hello = rumqttd::protocol::Connect {
+        keep_alive: 30,
+        client_id: unique("v5"),
+        clean_session: true,
+    };
+    V5.write(Packet::Connect(hello, None, None, None, None), &mut buf).unwrap();
+    s.write_all(&buf).await.unwrap();
+    let mut rbuf = BytesMut::new();
+    // rumqttd's codec reads what a server receives: skip the CONNACK by its length.
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK");
+    let mut body = vec![0u8; head[1] as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(body[1], 0, "CONNACK success");
+    for (pkid, qos, payload) in [(1, 1, "bad"), (2, 1, "good"), (3, 2, "bad"), (4, 2, "good")] {
+        let mut out = BytesMut::new();
+        let publish = mqtt_persist::broker::wire::build_publish(topic.as_bytes(), payload.as_bytes(), qos, false, pkid);
+        V5.write(Packet::Publish(publish, None), &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+        let ok = match read_v5(&mut s, &mut rbuf).await {
+            Packet::PubAck(a, _) => a.reason == PubAckReason::Success,
+            Packet::PubRec(r, _) => r.reason == PubRecReason::Success,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ok, payload == "good", "QoS {qos} {payload}");
+    }
+    let stored: i64 = kit.conn().query_row("SELECT count(*) FROM refuse", [], |r| r.get(0)).unwrap();
+    assert_eq!(stored, 2);
+    // MQTT 3.1.1: acked after it was kept in the dead-letter file.
+    let p = connect(b.addr, &unique("v4"), true).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, "bad").await;
+    let dead = b.dir.path().join("data").join("dead-letter.jsonl");
+    let line = eventually("a dead-letter record", WAIT, || async {
+        std::fs::read_to_string(&dead).ok().filter(|t| !t.is_empty())
+    })
+    .await;
+    let rec: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["message"]["topic"], topic.as_str());
+    assert_eq!(rec["message"]["payload"], "YmFk", "base64 of the payload");
+    assert!(rec["reason"].as_str().unwrap().contains("refused"), "{rec}");
+    let text = metrics_text(metrics_port).await;
+    assert!(text.contains("mqtt_persist_dead_letter_total 1"), "{text}");
+}
+
+/// MQTT 1.5.4: no UTF-8 string holds U+0000. A client id or user name with one is refused at
+/// CONNECT (v3.1.1 code 2 / 4) instead of failing in the database after the client was acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_in_client_ids_and_user_names_are_refused_at_connect() {
+    let (_kit, b) = broker().await;
+    for (id, user, code) in [("a\0b", None, 2u8), ("ok-id", Some("u\0"), 4)] {
+        let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+        let mut buf = BytesMut::new();
+        let c = rumqttd::protocol::Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_session: true,
+        };
+        let login = user.map(|u| rumqttd::protocol::Login {
+            username: u.into(),
+            password: "p".into(),
+        });
+        V4.write(Packet::Connect(c, None, None, None, login), &mut buf).unwrap();
+        s.write_all(&buf).await.unwrap();
+        let mut ack = [0u8; 4];
+        tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await.unwrap().unwrap();
+        assert_eq!(ack, [0x20, 2, 0, code], "{id:?} {user:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_messages_flow_end_to_end_and_are_stored() {
     let (kit, b) = broker().await;

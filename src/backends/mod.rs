@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod b64;
+pub mod deadletter;
 pub mod health;
 #[cfg(feature = "pgsql")]
 pub mod pgsql;

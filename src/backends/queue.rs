@@ -6,6 +6,7 @@
 //! carry a [`Ticket`]; the ticket fires when every job holding it is done, which is how the
 //! no-loss mode sends a PUBACK only after the message is committed.
 
+use super::deadletter::DeadLetter;
 use super::health::{jitter, Health, MAX_BACKOFF, MIN_BACKOFF};
 use super::{BResult, Backend, BackendError, WriteOp};
 use crate::metrics::{PoolMetrics, RuleMetrics};
@@ -15,22 +16,50 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Fires `done(seq)` on the owning connection when the last clone is dropped.
+/// What became of the writes holding one ticket: `Ok` when every one committed, `Err` with
+/// the first reason when any was refused or could not be queued.
+pub type Outcome = Result<(), Arc<str>>;
+
+/// Fires `done(seq, outcome)` on the owning connection when the last clone is dropped. A write
+/// that did not commit [`fail`](Ticket::fail)s it first, so the publisher is never acked for it.
 #[derive(Debug)]
 pub struct Ticket {
     seq: u64,
-    done: mpsc::UnboundedSender<u64>,
+    done: mpsc::UnboundedSender<(u64, Outcome)>,
+    failure: parking_lot::Mutex<Option<Arc<str>>>,
 }
 
 impl Ticket {
-    pub fn new(seq: u64, done: mpsc::UnboundedSender<u64>) -> Arc<Ticket> {
-        Arc::new(Ticket { seq, done })
+    pub fn new(seq: u64, done: mpsc::UnboundedSender<(u64, Outcome)>) -> Arc<Ticket> {
+        Arc::new(Ticket {
+            seq,
+            done,
+            failure: parking_lot::Mutex::new(None),
+        })
+    }
+
+    /// Marks the message as not stored (the first reason is kept).
+    pub fn fail(&self, reason: &str) {
+        self.failure.lock().get_or_insert_with(|| reason.into());
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let _ = self.done.send(self.seq);
+        let outcome = match self.failure.lock().take() {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        };
+        let _ = self.done.send((self.seq, outcome));
+    }
+}
+
+impl Job {
+    /// This job's write did not commit: its ticket (if any) must not ack the publisher.
+    fn refused(&self, reason: &str) {
+        if let Some(t) = &self.ticket {
+            t.fail(reason);
+        }
     }
 }
 
@@ -80,7 +109,8 @@ pub enum Enqueue {
 
 impl WriteQueue {
     /// Start the writer task for `backend`.
-    pub fn spawn(backend: Arc<dyn Backend>, conf: WriterConf, spool: Option<Spool>) -> WriteQueue {
+    /// `dead`: where spooled writes the database refuses on replay are kept (they were acked).
+    pub fn spawn(backend: Arc<dyn Backend>, conf: WriterConf, spool: Option<Spool>, dead: Arc<DeadLetter>) -> WriteQueue {
         let (tx, rx) = mpsc::channel(conf.capacity);
         let label: Arc<str> = backend.label().into();
         let metrics = Arc::new(PoolMetrics {
@@ -94,6 +124,7 @@ impl WriteQueue {
             metrics: metrics.clone(),
             timeout: conf.timeout,
             outage: None,
+            dead,
         };
         tokio::spawn(w.run(rx, conf.batch_size, conf.linger, spool));
         WriteQueue {
@@ -111,6 +142,7 @@ impl WriteQueue {
             Ok(()) => Enqueue::Queued,
             Err(e) => {
                 RuleMetrics::inc(&e.0.rule.dropped);
+                e.0.refused(&format!("the write queue of {} is closed", self.label));
                 Enqueue::Dropped
             }
         }
@@ -125,6 +157,7 @@ impl WriteQueue {
                     mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
                 };
                 RuleMetrics::inc(&job.rule.dropped);
+                job.refused(&format!("the write queue of {} is full", self.label));
                 static FULL: RateLimited = RateLimited::new();
                 FULL.warn(|| format!("write queue of {} is full: dropped a write of rule {}", self.label, job.rule.label));
                 Enqueue::Dropped
@@ -144,17 +177,22 @@ impl WriteQueue {
 
 /// A warning logged at most once per 5 s (an outage would otherwise flood the log); one
 /// `static` per kind of warning, so one kind never hides another.
-pub(crate) struct RateLimited(std::sync::atomic::AtomicU64);
+pub(crate) struct RateLimited(std::sync::atomic::AtomicU64, u64);
 
 impl RateLimited {
     pub(crate) const fn new() -> RateLimited {
-        RateLimited(std::sync::atomic::AtomicU64::new(0))
+        Self::every(5000)
+    }
+
+    /// At most once per `ms` milliseconds.
+    pub(crate) const fn every(ms: u64) -> RateLimited {
+        RateLimited(std::sync::atomic::AtomicU64::new(0), ms)
     }
 
     pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
         let now = crate::hooks::now_ms() as u64;
         let last = self.0.load(Relaxed);
-        if now.saturating_sub(last) >= 5000 && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+        if now.saturating_sub(last) >= self.1 && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
             tracing::warn!("{}", msg());
         }
     }
@@ -173,6 +211,7 @@ struct Writer {
     metrics: Arc<PoolMetrics>,
     timeout: Duration,
     outage: Option<Outage>,
+    dead: Arc<DeadLetter>,
 }
 
 impl Writer {
@@ -354,7 +393,12 @@ impl Writer {
                                 return false;
                             }
                             Err(e) => {
-                                tracing::warn!(pool = self.backend.label(), error = %e.message, "spooled write refused by the database")
+                                // Acked when it reached the spool: keep it where an operator finds it.
+                                tracing::warn!(pool = self.backend.label(), error = %e.message, "spooled write refused by the database");
+                                let mut rec = serde_json::Map::new();
+                                rec.insert("pool".into(), self.backend.label().into());
+                                rec.insert("op".into(), serde_json::to_value(op).unwrap_or_default());
+                                let _ = self.dead.record(&e.message, rec);
                             }
                         }
                     }
@@ -376,6 +420,7 @@ impl Writer {
         let label = backend.label();
         if jobs.len() == 1 {
             RuleMetrics::inc(&jobs[0].rule.failed);
+            jobs[0].refused(&first.message);
             tracing::warn!(pool = label, rule = %jobs[0].rule.label, error = %first.message, "write refused by the database");
             return;
         }
@@ -402,6 +447,7 @@ impl Writer {
                     }
                     Err(e) => {
                         RuleMetrics::inc(&j.rule.failed);
+                        j.refused(&e.message);
                         tracing::warn!(pool = label, rule = %j.rule.label, error = %e.message, "write refused by the database");
                         break;
                     }
@@ -417,6 +463,7 @@ fn committed(jobs: &[Job], refused: &[usize]) {
     for (i, j) in jobs.iter().enumerate() {
         if refused.contains(&i) {
             RuleMetrics::inc(&j.rule.failed);
+            j.refused("a statement of the rule was refused by the database");
         } else {
             RuleMetrics::inc(&j.rule.success);
         }

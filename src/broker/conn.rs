@@ -8,7 +8,7 @@
 
 use super::engine::{Control, Engine};
 use super::wire::{self, Codec};
-use crate::backends::queue::Ticket;
+use crate::backends::queue::{Outcome, Ticket};
 use crate::hooks::{now_ms, Client, Dispatcher, Event, Hook, Injection, Message};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -119,6 +119,8 @@ struct Injected {
 #[derive(Default)]
 struct HeldAck {
     committed: bool,
+    /// Storage refused the message: a v5 publisher gets a failure reason code instead.
+    failure: Option<Arc<str>>,
     router_ack: Option<Packet>,
 }
 
@@ -148,9 +150,12 @@ struct Session {
     injected: HashMap<u16, Injected>,
     next_pkid: u16,
     held: HashMap<u16, HeldAck>,
-    tickets: HashMap<u64, u16>,
+    /// Publishes awaiting their commit: packet id, and the message for the dead-letter file.
+    tickets: HashMap<u64, (u16, Arc<Message>)>,
     next_seq: u64,
-    done_tx: mpsc::UnboundedSender<u64>,
+    done_tx: mpsc::UnboundedSender<(u64, Outcome)>,
+    /// QoS 2 publishes refused by storage whose flow the layer ended with the router itself.
+    swallow_pubcomp: HashSet<u16>,
     pending_subs: VecDeque<PendingSub>,
     /// Filters whose subscribe reads may still run; the receiver errs once they are done.
     lookups_running: Vec<(Arc<str>, watch::Receiver<()>)>,
@@ -209,23 +214,42 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let Packet::Connect(connect, _props, will, will_props, login) = packet else {
         return Err(ConnError::Protocol("first packet is not CONNECT".into()));
     };
-    let mut assigned = None;
-    let clientid = if connect.client_id.is_empty() {
-        if !connect.clean_session {
+    // MQTT 1.5.4: a UTF-8 string never holds U+0000. rumqttd accepts it, and a database would
+    // refuse it only after the client was acked (PostgreSQL text cannot hold it): refuse now.
+    let will_topic_ok = will
+        .as_ref()
+        .is_none_or(|w| std::str::from_utf8(&w.topic).is_ok_and(crate::topic::valid_topic));
+    let refusal = if connect.client_id.contains('\0') {
+        Some((ConnectReturnCode::ClientIdentifierNotValid, "client id holds a NUL character"))
+    } else if login.as_ref().is_some_and(|l| l.username.contains('\0')) {
+        Some((ConnectReturnCode::BadUserNamePassword, "user name holds a NUL character"))
+    } else if !will_topic_ok {
+        Some((ConnectReturnCode::TopicNameInvalid, "invalid will topic"))
+    } else if connect.client_id.is_empty() && !connect.clean_session {
+        Some((ConnectReturnCode::ClientIdentifierNotValid, "empty client id without clean session"))
+    } else {
+        None
+    };
+    if let Some((code, why)) = refusal {
+        // v3.1.1 has no code for a bad will topic: the connection just closes (MQTT-3.1.4-1).
+        if codec.is_v5() || code != ConnectReturnCode::TopicNameInvalid {
             let mut b = BytesMut::new();
             let _ = codec.write(
                 Packet::ConnAck(
                     ConnAck {
                         session_present: false,
-                        code: ConnectReturnCode::ClientIdentifierNotValid,
+                        code,
                     },
                     None,
                 ),
                 &mut b,
             );
             stream.write_all(&b).await?;
-            return Err(ConnError::Protocol("empty client id without clean session".into()));
         }
+        return Err(ConnError::Protocol(why.into()));
+    }
+    let mut assigned = None;
+    let clientid = if connect.client_id.is_empty() {
         let id = format!("mqtt-persist-{:x}", engine.msgids.next());
         assigned = Some(id.clone());
         id
@@ -291,6 +315,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         tickets: HashMap::new(),
         next_seq: 0,
         done_tx,
+        swallow_pubcomp: HashSet::new(),
         pending_subs: VecDeque::new(),
         lookups_running: Vec::new(),
         recent_injected: HashSet::new(),
@@ -391,12 +416,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                     Err(e) => tracing::warn!(error = %e, "subscribe lookup task failed"),
                 }
             }
-            Some(seq) = done_rx.recv() => {
+            Some((seq, outcome)) = done_rx.recv() => {
                 // A committed batch completes many tickets at once: answer them in one write.
-                s.committed(seq);
-                while let Ok(seq) = done_rx.try_recv() {
-                    s.committed(seq);
+                s.committed(seq, outcome);
+                while let Ok((seq, outcome)) = done_rx.try_recv() {
+                    s.committed(seq, outcome);
                 }
+                if s.closing { break Ok(()); }
             }
             Some(cmd) = ctl_rx.recv() => s.control(cmd),
             _ = &mut idle => {
@@ -557,6 +583,14 @@ impl Session {
             return Err(ConnError::Protocol("topic is not UTF-8".into()));
         };
         if !crate::topic::valid_topic(topic) {
+            if self.codec.is_v5() {
+                self.write(Packet::Disconnect(
+                    Disconnect {
+                        reason_code: DisconnectReasonCode::TopicNameInvalid,
+                    },
+                    None,
+                ));
+            }
             return Err(ConnError::Protocol(format!("invalid topic name {topic:?}")));
         }
         strip_meta(&mut props);
@@ -582,7 +616,7 @@ impl Session {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     self.held.insert(pkid, HeldAck::default());
-                    self.tickets.insert(seq, pkid);
+                    self.tickets.insert(seq, (pkid, msg.clone()));
                     let ticket = Ticket::new(seq, self.done_tx.clone());
                     self.to_store.push((msg.clone(), Some(ticket)));
                 } else {
@@ -600,17 +634,69 @@ impl Session {
         Ok(())
     }
 
-    /// A storage commit finished for the publish with this ticket.
-    fn committed(&mut self, seq: u64) {
-        let Some(pkid) = self.tickets.remove(&seq) else { return };
+    /// Storage finished with the publish of this ticket: committed, or refused.
+    fn committed(&mut self, seq: u64, outcome: Outcome) {
+        let Some((pkid, msg)) = self.tickets.remove(&seq) else { return };
+        let failure = match outcome {
+            Ok(()) => None,
+            Err(reason) if self.codec.is_v5() => Some(reason),
+            Err(reason) => {
+                // MQTT 3.1.1 has no negative ack: the message is kept before it is acked.
+                let mut rec = serde_json::Map::new();
+                rec.insert("message".into(), serde_json::to_value(&*msg).unwrap_or_default());
+                if self.engine.dead_letter.record(&reason, rec).is_err() {
+                    // Kept nowhere: no ack. The client sends it again when it reconnects.
+                    self.held.remove(&pkid);
+                    self.reason = "storage_failed";
+                    self.closing = true;
+                    return;
+                }
+                None
+            }
+        };
         if let Some(h) = self.held.get_mut(&pkid) {
             h.committed = true;
+            h.failure = failure;
             if h.router_ack.is_some() {
-                let ack = self.held.remove(&pkid).and_then(|h| h.router_ack);
-                if let Some(ack) = ack {
-                    self.write(ack);
+                if let Some(h) = self.held.remove(&pkid) {
+                    self.release_held(pkid, h);
                 }
             }
+        }
+    }
+
+    /// Sends a held publisher ack once both the router and storage are done with the message:
+    /// the router's own ack, or (v5, storage refused it) one with reason code 0x80.
+    fn release_held(&mut self, pkid: u16, h: HeldAck) {
+        let Some(ack) = h.router_ack else { return };
+        match (h.failure, ack) {
+            (Some(_), Packet::PubAck(..)) => self.write(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::UnspecifiedError,
+                },
+                None,
+            )),
+            (Some(_), Packet::PubRec(..)) => {
+                self.write(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::UnspecifiedError,
+                    },
+                    None,
+                ));
+                // A failed PUBREC ends the exchange for the client; the router still holds
+                // the publish until a PUBREL, which the layer sends itself.
+                self.to_router.push(Packet::PubRel(
+                    PubRel {
+                        pkid,
+                        reason: PubRelReason::Success,
+                    },
+                    None,
+                ));
+                self.swallow_pubcomp.insert(pkid);
+            }
+            (_, ack) => self.write(ack),
         }
     }
 
@@ -780,6 +866,7 @@ impl Session {
                     }
                 }
                 Packet::UnsubAck(..) | Packet::PingResp(_) | Packet::ConnAck(..) => Step::Continue,
+                Packet::PubComp(c, _) if self.swallow_pubcomp.remove(&c.pkid) => Step::Continue,
                 Packet::PubAck(ack, _) => {
                     self.publisher_ack(ack.pkid, Packet::PubAck(ack, None));
                     Step::Continue
@@ -810,8 +897,10 @@ impl Session {
     fn publisher_ack(&mut self, pkid: u16, ack: Packet) {
         match self.held.get_mut(&pkid) {
             Some(h) if h.committed => {
-                self.held.remove(&pkid);
-                self.write(ack);
+                if let Some(mut h) = self.held.remove(&pkid) {
+                    h.router_ack = Some(ack);
+                    self.release_held(pkid, h);
+                }
             }
             Some(h) => h.router_ack = Some(ack),
             None => self.write(ack),

@@ -2,6 +2,7 @@
 //! registry of live connections (for server-side subscribe and injection), and the persistent
 //! session subscriptions the layer must remember to know which subscriptions are new.
 
+use crate::backends::deadletter::DeadLetter;
 use crate::backends::StoredMessage;
 use crate::config::BrokerConf;
 use crate::hooks::Dispatcher;
@@ -41,6 +42,8 @@ pub struct Engine {
     generation: AtomicU64,
     /// The runtime of database work (writers, pools, cleanup), apart from connections.
     pub storage: tokio::runtime::Handle,
+    /// Where v3.1.1 publishes no database accepted are kept before they are acked.
+    pub dead_letter: Arc<DeadLetter>,
 }
 
 /// A live connection: its id, its `connected_at`, its control channel.
@@ -60,7 +63,13 @@ pub fn router_config() -> RouterConfig {
 }
 
 impl Engine {
-    pub fn new(conf: BrokerConf, dispatcher: Arc<Dispatcher>, metrics: Arc<Registry>, storage: tokio::runtime::Handle) -> Arc<Engine> {
+    pub fn new(
+        conf: BrokerConf,
+        dispatcher: Arc<Dispatcher>,
+        metrics: Arc<Registry>,
+        storage: tokio::runtime::Handle,
+        dead_letter: Arc<DeadLetter>,
+    ) -> Arc<Engine> {
         let router_tx = Router::new(conf.node_id as usize, router_config()).spawn();
         let links: LinkFactory = Box::new(move |id, clean| {
             LinkBuilder::new(id, router_tx.clone())
@@ -81,6 +90,7 @@ impl Engine {
             internal: Mutex::new(None),
             generation: AtomicU64::new(0),
             storage,
+            dead_letter,
         });
         engine.start_internal_link();
         engine

@@ -18,6 +18,13 @@ impl Codec {
     }
 
     pub fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, rumqttd::protocol::Error> {
+        // rumqttd's decoders hit `unreachable!()` on some packet types only a server sends
+        // (CONNACK, UNSUBACK in v5, AUTH): a client sending one is a protocol error, not a panic.
+        if let Some(&first) = buf.first() {
+            if !matches!(first >> 4, 1 | 3..=8 | 10 | 12 | 14) {
+                return Err(rumqttd::protocol::Error::InvalidPacketType(first >> 4));
+            }
+        }
         match self {
             Codec::V4(c) => c.read_mut(buf, max),
             Codec::V5(c) => c.read_mut(buf, max),
@@ -123,6 +130,16 @@ mod tests {
         assert_eq!(connect_level(&connect), Ok(Some(5)));
         assert_eq!(connect_level(&connect[..5]), Ok(None));
         assert_eq!(connect_level(&[0x30, 0]), Err(()));
+    }
+
+    #[test]
+    fn packets_only_a_server_sends_are_refused_without_a_panic() {
+        for first in [0x00u8, 0x20, 0x90, 0xB0, 0xD0, 0xF0] {
+            for mut codec in [Codec::V4(V4), Codec::V5(V5)] {
+                let mut buf = BytesMut::from(&[first, 3, 0, 0, 0][..]);
+                assert!(codec.read(&mut buf, 1024).is_err(), "{first:#x}");
+            }
+        }
     }
 
     #[test]
