@@ -201,7 +201,7 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
     ));
     let conn = conn_rt.0.as_ref().expect("just built").handle().clone();
     let listener = listener.into_std().map_err(|e| e.to_string())?;
-    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage, dead);
+    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage, dead)?;
     start_control(&engine, &dispatcher);
     let accept = {
         let _guard = conn.enter();

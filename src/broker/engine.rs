@@ -69,7 +69,10 @@ impl Engine {
         metrics: Arc<Registry>,
         storage: tokio::runtime::Handle,
         dead_letter: Arc<DeadLetter>,
-    ) -> Arc<Engine> {
+    ) -> Result<Arc<Engine>, String> {
+        let mark = conf.data_dir.join("msgid.hw");
+        std::fs::create_dir_all(&conf.data_dir).map_err(|e| format!("cannot create {}: {e}", conf.data_dir.display()))?;
+        let msgids = MsgIdGen::open(conf.node_id, mark.clone()).map_err(|e| format!("msgid high-water mark {}: {e}", mark.display()))?;
         let router_tx = Router::new(conf.node_id as usize, router_config()).spawn();
         let links: LinkFactory = Box::new(move |id, clean| {
             LinkBuilder::new(id, router_tx.clone())
@@ -81,7 +84,7 @@ impl Engine {
         let engine = Arc::new(Engine {
             links,
             dispatcher: RwLock::new(dispatcher),
-            msgids: MsgIdGen::new(conf.node_id),
+            msgids,
             conf,
             metrics,
             sessions: Mutex::new(HashMap::new()),
@@ -93,7 +96,7 @@ impl Engine {
             dead_letter,
         });
         engine.start_internal_link();
-        engine
+        Ok(engine)
     }
 
     /// A link for publishes the broker makes itself (wills); its notifications are drained.
@@ -167,22 +170,69 @@ impl Engine {
 }
 
 /// 64-bit message ids: ms clock (41 bits) | node id (10 bits) | per-ms sequence (12 bits).
-/// Strictly increasing per node; unique across nodes with distinct ids (SPEC §2).
+/// Strictly increasing per node; unique across nodes with distinct ids (SPEC §2); and unique
+/// across restarts of a node, even with its clock stepped back: ids are handed out only below a
+/// high-water mark kept on disk (`<data.dir>/msgid.hw`, written ahead of use), and a restart
+/// starts above it. Stored rows use the msgid as their key, so a repeat would drop or
+/// overwrite a message that was already acked.
 pub struct MsgIdGen {
     last: AtomicU64,
     node: u64,
+    /// Every id below this is covered by the mark on disk.
+    reserved: AtomicU64,
+    file: Option<Mutex<std::path::PathBuf>>,
+    clock: fn() -> i64,
 }
 
+/// How far ahead of the clock the mark on disk runs: one small synced write per this much
+/// time, on whichever connection crosses it.
+const RESERVE_MS: u64 = 10_000;
+
 impl MsgIdGen {
+    /// In memory only (unique within this process).
     pub fn new(node: u16) -> Self {
+        Self::build(node, None, crate::hooks::now_ms, 0)
+    }
+
+    /// Unique across restarts: continues above the mark in `path` (created if missing).
+    pub fn open(node: u16, path: std::path::PathBuf) -> std::io::Result<Self> {
+        Self::open_with_clock(node, path, crate::hooks::now_ms)
+    }
+
+    fn open_with_clock(node: u16, path: std::path::PathBuf, clock: fn() -> i64) -> std::io::Result<Self> {
+        let floor = match std::fs::read_to_string(&path) {
+            Ok(t) => t.trim().parse::<u64>().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} does not hold a msgid high-water mark: {:?}", path.display(), t.trim()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        // Every id of the mark's millisecond counts as used: the first new one takes the next.
+        let floor = if floor == 0 {
+            0
+        } else {
+            floor | (u64::from(node & 0x3FF) << 12) | 0xFFF
+        };
+        let g = Self::build(node, Some(path), clock, floor);
+        g.reserve(floor)?;
+        Ok(g)
+    }
+
+    fn build(node: u16, file: Option<std::path::PathBuf>, clock: fn() -> i64, floor: u64) -> Self {
         MsgIdGen {
-            last: AtomicU64::new(0),
+            last: AtomicU64::new(floor),
             node: u64::from(node & 0x3FF),
+            reserved: AtomicU64::new(if file.is_some() { floor } else { u64::MAX }),
+            file: file.map(Mutex::new),
+            clock,
         }
     }
 
     pub fn next(&self) -> u64 {
-        let now = crate::hooks::now_ms() as u64;
+        let now = (self.clock)().max(0) as u64;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let base = (now << 22) | (self.node << 12);
@@ -195,10 +245,44 @@ impl MsgIdGen {
                 last + 1
             };
             match self.last.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return next,
+                Ok(_) => {
+                    if next >= self.reserved.load(Ordering::Acquire) {
+                        if let Err(e) = self.reserve(next) {
+                            // The id is still unique in this process; only a restart with the
+                            // clock stepped back could repeat it.
+                            tracing::error!(error = %e, "cannot write the msgid high-water mark");
+                        }
+                    }
+                    return next;
+                }
                 Err(l) => last = l,
             }
         }
+    }
+
+    /// Moves the mark on disk past `id` and `RESERVE_MS` ahead of the clock, synced before any
+    /// id under it is used.
+    fn reserve(&self, id: u64) -> std::io::Result<()> {
+        let Some(file) = &self.file else { return Ok(()) };
+        let path = file.lock();
+        if id < self.reserved.load(Ordering::Acquire) {
+            return Ok(()); // another caller got there first
+        }
+        let ms = ((self.clock)().max(0) as u64).max(id >> 22) + RESERVE_MS;
+        let mark = ms << 22;
+        let tmp = path.with_extension("hw.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(format!("{mark}\n").as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &*path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.reserved.store(mark, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -217,5 +301,43 @@ mod tests {
             assert!(id < i64::MAX as u64);
             prev = id;
         }
+    }
+
+    const T: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_restart_never_repeats_an_id_even_with_the_clock_stepped_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("msgid.hw");
+        let first: Vec<u64> = {
+            let g = MsgIdGen::open_with_clock(3, path.clone(), || T).unwrap();
+            (0..5).map(|_| g.next()).collect()
+        };
+        // Restarted in the same millisecond, then with the clock 5 s behind: both continue above.
+        for clock in [(|| T) as fn() -> i64, || T - 5_000] {
+            let g = MsgIdGen::open_with_clock(3, path.clone(), clock).unwrap();
+            let id = g.next();
+            assert!(id > *first.last().unwrap(), "{id} repeats or precedes an earlier id");
+            assert_eq!((id >> 12) & 0x3FF, 3);
+        }
+        // In memory only, the same ids come back: what the mark prevents.
+        let g = MsgIdGen::build(3, None, || T, 0);
+        assert_eq!(g.next(), first[0]);
+    }
+
+    #[test]
+    fn the_mark_moves_ahead_before_ids_pass_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("msgid.hw");
+        let g = MsgIdGen::open_with_clock(1, path.clone(), || T).unwrap();
+        let mark: u64 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
+        assert_eq!(mark, ((T as u64) + RESERVE_MS) << 22);
+        // Exhaust the reservation by borrowing milliseconds: the mark moves first.
+        g.last.store(mark - 1, Ordering::Relaxed);
+        let id = g.next();
+        let moved: u64 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
+        assert!(id < moved && id >= mark, "{id} under {moved}");
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(MsgIdGen::open(1, path).is_err(), "a damaged mark is an error, never silently 0");
     }
 }
