@@ -164,3 +164,42 @@ async fn message_ttl_cleanup_deletes_more_than_one_chunk() {
     let hashes: Vec<String> = kit.cmd(redis::cmd("KEYS").arg("mqtt:msg:[0-9]*")).await;
     assert!(hashes.is_empty(), "{} message hashes left", hashes.len());
 }
+
+/// SPEC §1.4: `expired_time` is the retained key's TTL too; and the retained upsert is
+/// monotonic like the SQL backends': an older message (a replay) never replaces a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_carry_expired_time_and_never_go_back_to_an_older_message() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let kit = RedisKit::new().await;
+    let conf = format!(
+        "{}backend.redis.hook.message.publish.2 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_retain\"}}, \"expired_time\": 60, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let broker = BrokerProc::start("redis", &conf);
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let topic = format!("{}/r", unique("rt"));
+    p.publish(&topic, QoS::AtLeastOnce, true, "v1").await;
+    eventually("retained", WAIT, || async { kit.retained(&topic).await }).await;
+    let ttl: i64 = kit.cmd(redis::cmd("TTL").arg(format!("mqtt:retain:{topic}"))).await;
+    assert!((1..=60).contains(&ttl), "TTL {ttl}");
+    // A newer message is stored (as after a replay reordered writes): an older one must not win.
+    let newer = u64::MAX / 2;
+    let _: () = kit
+        .cmd(
+            redis::cmd("HSET")
+                .arg(format!("mqtt:retain:{topic}"))
+                .arg("id")
+                .arg(newer)
+                .arg("payload")
+                .arg("newer"),
+        )
+        .await;
+    p.publish(&topic, QoS::AtLeastOnce, true, "older").await;
+    let other = format!("{topic}/x");
+    p.publish(&other, QoS::AtLeastOnce, true, "after").await;
+    eventually("the later write landed", WAIT, || async { kit.retained(&other).await }).await;
+    assert_eq!(kit.retained(&topic).await.as_deref(), Some(&b"newer"[..]));
+}

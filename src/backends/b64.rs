@@ -66,7 +66,10 @@ mod tests {
     fn payloads_are_base64_in_the_spool_and_round_trip_verbatim() {
         let payload: Vec<u8> = (0..=255u8).chain(*b"'\"\\\n{}").collect();
         let ops = vec![
-            WriteOp::RetainUpsert { msg: message(&payload) },
+            WriteOp::RetainUpsert {
+                msg: message(&payload),
+                ttl: std::time::Duration::ZERO,
+            },
             WriteOp::Statements {
                 stmts: Arc::from(Vec::new()),
                 params: vec![vec![Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")), Value::Int(1)]],
@@ -81,7 +84,7 @@ mod tests {
         );
         let back: Vec<WriteOp> = serde_json::from_str(&line).unwrap();
         match (&back[0], &back[1]) {
-            (WriteOp::RetainUpsert { msg }, WriteOp::Statements { params, .. }) => {
+            (WriteOp::RetainUpsert { msg, .. }, WriteOp::Statements { params, .. }) => {
                 assert_eq!(&msg.payload[..], &payload[..]);
                 assert_eq!(params[0][0], Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")));
             }
@@ -94,7 +97,7 @@ mod tests {
         let old = r#"[{"RetainUpsert":{"msg":{"msgid":42,"sender":"d","username":null,"topic":"a/b","payload":[104,105,0,255],"qos":1,"retain":false,"timestamp":7}}}]"#;
         let back: Vec<WriteOp> = serde_json::from_str(old).unwrap();
         match &back[0] {
-            WriteOp::RetainUpsert { msg } => assert_eq!(&msg.payload[..], b"hi\x00\xff"),
+            WriteOp::RetainUpsert { msg, .. } => assert_eq!(&msg.payload[..], b"hi\x00\xff"),
             other => panic!("{other:?}"),
         }
     }

@@ -54,6 +54,10 @@ pub enum WriteOp {
     },
     RetainUpsert {
         msg: Arc<Message>,
+        /// Redis: the rule's `expired_time` as the retained key's TTL (zero: none; spool
+        /// records written before it existed have none).
+        #[serde(default)]
+        ttl: Duration,
     },
     RetainDelete {
         topic: Arc<str>,

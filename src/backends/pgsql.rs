@@ -440,7 +440,7 @@ impl PgBackend {
             WriteOp::StoreLatest { msg, .. } => {
                 self.store_many(c, "mqtt_latest", &[msg]).await?;
             }
-            WriteOp::RetainUpsert { msg } => {
+            WriteOp::RetainUpsert { msg, .. } => {
                 self.retain_many(c, &[msg]).await?;
             }
             WriteOp::AdvancePointer { .. } => {
@@ -623,7 +623,7 @@ impl Backend for PgBackend {
                             let mut msgs: Vec<&Arc<Message>> = run
                                 .iter()
                                 .filter_map(|o| match o {
-                                    WriteOp::RetainUpsert { msg } => Some(msg),
+                                    WriteOp::RetainUpsert { msg, .. } => Some(msg),
                                     _ => None,
                                 })
                                 .collect();

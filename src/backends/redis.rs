@@ -44,6 +44,17 @@ local cur = redis.call('GET', KEYS[1])
 if (not cur) or cur >= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1";
+/// Replaces the retained message unless the stored one is newer (ids compare as decimal
+/// strings by length, then bytes: Lua numbers are doubles and would round 64-bit ids), with the
+/// rule's `expired_time` as TTL.
+const RETAIN_LUA: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'id')
+local id = ARGV[1]
+if cur and (#cur > #id or (#cur == #id and cur > id)) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'id', id, 'from', ARGV[2], 'qos', ARGV[3], 'topic', ARGV[4], 'payload', ARGV[5], 'ts', ARGV[6], 'retain', 'true')
+if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[7]) end
+return 1";
 const DEL_IF_ID_LUA: &str = r"
 if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
@@ -372,10 +383,20 @@ impl RedisBackend {
                 p.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();
                 p.cmd("ZADD").arg(TOPICS_LATEST).arg(0).arg(&*msg.topic).ignore();
             }
-            WriteOp::RetainUpsert { msg } => {
-                let key = format!("mqtt:retain:{}", msg.topic);
-                p.cmd("DEL").arg(&key).ignore();
-                hset_message(p, &key, msg);
+            WriteOp::RetainUpsert { msg, ttl } => {
+                // Monotonic: a replayed (spooled, retried) older message never replaces a newer one.
+                p.cmd("EVAL")
+                    .arg(RETAIN_LUA)
+                    .arg(1)
+                    .arg(format!("mqtt:retain:{}", msg.topic))
+                    .arg(msg.msgid)
+                    .arg(&*msg.sender)
+                    .arg(msg.qos)
+                    .arg(&*msg.topic)
+                    .arg(&msg.payload[..])
+                    .arg(msg.timestamp)
+                    .arg(ttl.as_secs())
+                    .ignore();
                 p.cmd("ZADD").arg(TOPICS_RETAIN).arg(0).arg(&*msg.topic).ignore();
             }
             WriteOp::RetainDelete { topic } => {

@@ -34,7 +34,9 @@ impl SqliteSettings {
             }
             None => data_dir.join("mqtt-persist.db"),
         };
-        let synchronous = pool.str_or("synchronous", "normal").to_ascii_lowercase();
+        // `full`: a commit is on disk before its PUBACK goes out; `normal` (WAL) loses the
+        // last commits on a power loss (see the shipped conf).
+        let synchronous = pool.str_or("synchronous", "full").to_ascii_lowercase();
         if !["off", "normal", "full", "extra"].contains(&synchronous.as_str()) {
             return Err(pool.error(
                 "synchronous",
@@ -158,7 +160,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
             )?
             .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, msg.retain, &msg.payload[..], msg.timestamp])?;
         }
-        WriteOp::RetainUpsert { msg } => {
+        WriteOp::RetainUpsert { msg, .. } => {
             tx.prepare_cached(
                 "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, payload = excluded.payload, arrived = excluded.arrived
@@ -384,5 +386,24 @@ impl Backend for SqliteBackend {
         Box::pin(Self::blocking(&self.reader, |c| {
             c.query_row("SELECT 1", [], |_| Ok(())).map_err(classify)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_are_synced_to_disk_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = PoolConf {
+            db: crate::config::Db::Sqlite,
+            name: "pool1".into(),
+            attrs: Default::default(),
+            origin: crate::config::Origin::Default,
+        };
+        let b = SqliteBackend::open(&pool, dir.path()).unwrap();
+        let level: i64 = b.writer.lock().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(level, 2, "FULL: the no-loss PUBACK needs the commit on disk");
     }
 }

@@ -213,9 +213,13 @@ impl Dispatcher {
                     },
                     true,
                 ),
-                Some(Builtin::MessageRetain) if msg.retain && !msg.payload.is_empty() => {
-                    (WriteOp::RetainUpsert { msg: msg.clone() }, false)
-                }
+                Some(Builtin::MessageRetain) if msg.retain && !msg.payload.is_empty() => (
+                    WriteOp::RetainUpsert {
+                        msg: msg.clone(),
+                        ttl: b.rule.expired_time,
+                    },
+                    false,
+                ),
                 Some(Builtin::RetainDelete) if empty_retained => (WriteOp::RetainDelete { topic: msg.topic.clone() }, false),
                 Some(_) => continue,
                 None => match b.custom_op(&ev, &self.node) {
