@@ -253,7 +253,7 @@ impl PgBackend {
         pin_mut!(stream);
         let mut out = Vec::new();
         while let Some(row) = stream.next().await {
-            let m = row_msg(&row.map_err(|e| classify(&e))?);
+            let m = row_msg(&row.map_err(|e| classify(&e))?, table)?;
             if topic::matches(&m.topic, filter) {
                 out.push(m);
                 if limit.is_some_and(|l| out.len() >= l as usize) {
@@ -465,16 +465,62 @@ impl PgBackend {
     }
 }
 
-fn row_msg(r: &Row) -> StoredMessage {
-    StoredMessage {
-        msgid: r.get::<_, i64>(0) as u64,
-        sender: r.get(1),
-        topic: r.get(2),
-        qos: r.get::<_, i16>(3).clamp(0, 2) as u8,
-        retain: r.get(4),
-        payload: r.get::<_, Option<Vec<u8>>>(5).unwrap_or_default().into(),
-        arrived: r.get(6),
+/// A stored message from a row of `table` (columns as `scan` selects them). Tables made by hand
+/// or by EMQX 4 may use other integer widths (`qos integer`) or a text payload: those convert;
+/// anything else is an error naming table, column, expected and found type, never a panic.
+fn row_msg(r: &Row, table: &str) -> BResult<StoredMessage> {
+    Ok(StoredMessage {
+        msgid: int_col(r, 0, table)? as u64,
+        sender: text_col(r, 1, table)?.unwrap_or_default(),
+        topic: text_col(r, 2, table)?.ok_or_else(|| unexpected(r, 2, table, "text", "NULL"))?,
+        qos: int_col(r, 3, table)?.clamp(0, 2) as u8,
+        retain: match *r.columns()[4].type_() {
+            Type::BOOL => r
+                .try_get::<_, Option<bool>>(4)
+                .map_err(|e| read_error(r, 4, table, e))?
+                .unwrap_or(false),
+            _ => int_col(r, 4, table)? != 0,
+        },
+        payload: match *r.columns()[5].type_() {
+            Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(5).map_err(|e| read_error(r, 5, table, e))?,
+            _ => text_col(r, 5, table)?.map(String::into_bytes),
+        }
+        .unwrap_or_default()
+        .into(),
+        arrived: int_col(r, 6, table)?,
+    })
+}
+
+fn unexpected(r: &Row, i: usize, table: &str, expected: &str, found: &str) -> BackendError {
+    let col = &r.columns()[i];
+    BackendError::permanent(format!("{table}.{}: expected {expected}, found {found}", col.name()))
+}
+
+fn read_error(r: &Row, i: usize, table: &str, e: tokio_postgres::Error) -> BackendError {
+    let col = &r.columns()[i];
+    BackendError::permanent(format!("{table}.{}: cannot read a {} value: {e}", col.name(), col.type_()))
+}
+
+/// An integer column of any width; NULL is an error.
+fn int_col(r: &Row, i: usize, table: &str) -> BResult<i64> {
+    let ty = r.columns()[i].type_().clone();
+    let v = match ty {
+        Type::INT8 => r.try_get::<_, Option<i64>>(i),
+        Type::INT4 => r.try_get::<_, Option<i32>>(i).map(|v| v.map(i64::from)),
+        Type::INT2 => r.try_get::<_, Option<i16>>(i).map(|v| v.map(i64::from)),
+        _ => return Err(unexpected(r, i, table, "an integer (int2, int4 or int8)", ty.name())),
+    };
+    v.map_err(|e| read_error(r, i, table, e))?
+        .ok_or_else(|| unexpected(r, i, table, "an integer", "NULL"))
+}
+
+/// A text column (text, varchar, char, name); NULL is `None`.
+fn text_col(r: &Row, i: usize, table: &str) -> BResult<Option<String>> {
+    let ty = r.columns()[i].type_().clone();
+    if !<String as tokio_postgres::types::FromSql>::accepts(&ty) {
+        return Err(unexpected(r, i, table, "text", ty.name()));
     }
+    r.try_get::<_, Option<String>>(i).map_err(|e| read_error(r, i, table, e))
 }
 
 /// Binds a template value to whatever type the server reports for its parameter.
@@ -687,7 +733,7 @@ impl Backend for PgBackend {
                             )
                             .await
                             .map_err(|e| classify(&e))?;
-                        match rows.first().map(|r| r.get::<_, i64>(0)) {
+                        match rows.first().map(|r| int_col(r, 0, "mqtt_acked")).transpose()? {
                             Some(p) => self.scan(&c, "mqtt_msg", filter, p, since, max).await?,
                             None => {
                                 // First subscription: start the pointer at the newest stored message.
@@ -749,10 +795,12 @@ impl Backend for PgBackend {
                     )
                     .await
                     .map_err(|e| classify(&e))?;
-                Ok(rows
-                    .iter()
-                    .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).clamp(0, 2) as u8))
-                    .collect())
+                rows.iter()
+                    .map(|r| {
+                        let topic = text_col(r, 0, "mqtt_sub")?.ok_or_else(|| unexpected(r, 0, "mqtt_sub", "text", "NULL"))?;
+                        Ok((topic, int_col(r, 1, "mqtt_sub")?.clamp(0, 2) as u8))
+                    })
+                    .collect()
             }
             .await;
             c.release();

@@ -7,7 +7,7 @@ use crate::hooks::Value;
 use crate::topic;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -214,21 +214,64 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
 
 const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
 
-fn row_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
-    let payload: Option<Vec<u8>> = match r.get_ref(5)? {
-        rusqlite::types::ValueRef::Null => None,
-        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => Some(t.to_vec()),
-        other => Some(format!("{other:?}").into_bytes()),
+/// A stored message from a row of `table`. SQLite columns hold any type: a value of the wrong
+/// one is an error naming table, column, expected and found type.
+fn row_msg(r: &rusqlite::Row<'_>, table: &str) -> BResult<StoredMessage> {
+    use rusqlite::types::ValueRef;
+    let payload: Option<Vec<u8>> = match r.get_ref(5).map_err(classify)? {
+        ValueRef::Null => None,
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(t.to_vec()),
+        ValueRef::Integer(i) => Some(i.to_string().into_bytes()),
+        ValueRef::Real(f) => Some(f.to_string().into_bytes()),
     };
     Ok(StoredMessage {
-        msgid: r.get::<_, i64>(0)? as u64,
-        sender: r.get(1)?,
-        topic: r.get(2)?,
-        qos: r.get::<_, i64>(3)?.clamp(0, 2) as u8,
-        retain: r.get::<_, i64>(4)? != 0,
+        msgid: int_col(r, 0, table)? as u64,
+        sender: text_col(r, 1, table)?.unwrap_or_default(),
+        topic: text_col(r, 2, table)?.ok_or_else(|| unexpected(r, 2, table, "text", "NULL"))?,
+        qos: int_col(r, 3, table)?.clamp(0, 2) as u8,
+        retain: int_col(r, 4, table)? != 0,
         payload: payload.unwrap_or_default().into(),
-        arrived: r.get(6)?,
+        arrived: int_col(r, 6, table)?,
     })
+}
+
+fn unexpected(r: &rusqlite::Row<'_>, i: usize, table: &str, expected: &str, found: &str) -> BackendError {
+    let name = r.as_ref().column_name(i).unwrap_or("?");
+    BackendError::permanent(format!("{table}.{name}: expected {expected}, found {found}"))
+}
+
+fn found(v: rusqlite::types::ValueRef<'_>) -> &'static str {
+    match v {
+        rusqlite::types::ValueRef::Null => "NULL",
+        rusqlite::types::ValueRef::Integer(_) => "integer",
+        rusqlite::types::ValueRef::Real(_) => "real",
+        rusqlite::types::ValueRef::Text(_) => "text",
+        rusqlite::types::ValueRef::Blob(_) => "blob",
+    }
+}
+
+/// An integer; integral text (a column declared TEXT by hand) converts.
+fn int_col(r: &rusqlite::Row<'_>, i: usize, table: &str) -> BResult<i64> {
+    match r.get_ref(i).map_err(classify)? {
+        rusqlite::types::ValueRef::Integer(v) => Ok(v),
+        rusqlite::types::ValueRef::Text(t) => std::str::from_utf8(t)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .ok_or_else(|| unexpected(r, i, table, "an integer", "non-numeric text")),
+        other => Err(unexpected(r, i, table, "an integer", found(other))),
+    }
+}
+
+/// Text (UTF-8); NULL is `None`.
+fn text_col(r: &rusqlite::Row<'_>, i: usize, table: &str) -> BResult<Option<String>> {
+    match r.get_ref(i).map_err(classify)? {
+        rusqlite::types::ValueRef::Null => Ok(None),
+        rusqlite::types::ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => Ok(Some(s.to_string())),
+            Err(_) => Err(unexpected(r, i, table, "UTF-8 text", "invalid UTF-8")),
+        },
+        other => Err(unexpected(r, i, table, "text", found(other))),
+    }
 }
 
 /// Rows of `table` matching `filter`, newest first, narrowed by index and matched exactly here.
@@ -241,7 +284,7 @@ fn scan_matching(
     extra: &str,
     extra_params: &[i64],
     limit: Option<u32>,
-) -> rusqlite::Result<Vec<StoredMessage>> {
+) -> BResult<Vec<StoredMessage>> {
     let mut sql = format!("SELECT {cols} FROM {table} WHERE 1=1");
     let mut ps: Vec<rusqlite::types::Value> = Vec::new();
     if let Some((lo, hi)) = topic::prefix_range(filter) {
@@ -257,11 +300,11 @@ fn scan_matching(
     sql.push_str(extra);
     ps.extend(extra_params.iter().map(|v| rusqlite::types::Value::Integer(*v)));
     sql.push_str(" ORDER BY msgid DESC");
-    let mut st = c.prepare_cached(&sql)?;
-    let mut rows = st.query(rusqlite::params_from_iter(ps))?;
+    let mut st = c.prepare_cached(&sql).map_err(classify)?;
+    let mut rows = st.query(rusqlite::params_from_iter(ps)).map_err(classify)?;
     let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        let m = row_msg(r)?;
+    while let Some(r) = rows.next().map_err(classify)? {
+        let m = row_msg(r, table)?;
         if topic::matches(&m.topic, filter) {
             out.push(m);
             if limit.is_some_and(|l| out.len() >= l as usize) {
@@ -300,32 +343,35 @@ impl Backend for SqliteBackend {
             let filter = &*req.filter;
             let msgs = match req.kind {
                 FetchKind::Pointer => {
-                    let ptr: Option<i64> = c
-                        .prepare_cached("SELECT mid FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")
-                        .and_then(|mut s| s.query_row(params![&*req.clientid, filter], |r| r.get(0)).optional())
-                        .map_err(classify)?;
+                    let ptr: Option<i64> = {
+                        let mut st = c
+                            .prepare_cached("SELECT mid FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")
+                            .map_err(classify)?;
+                        let mut rows = st.query(params![&*req.clientid, filter]).map_err(classify)?;
+                        match rows.next().map_err(classify)? {
+                            Some(r) => Some(int_col(r, 0, "mqtt_acked")?),
+                            None => None,
+                        }
+                    };
                     match ptr {
-                        Some(p) => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND msgid > ? AND arrived >= ?", &[p, since], max)
-                            .map_err(classify)?,
+                        Some(p) => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND msgid > ? AND arrived >= ?", &[p, since], max)?,
                         None => {
                             // First subscription: start the pointer at the newest stored message.
-                            let newest = scan_matching(c, "mqtt_msg", MSG_COLS, filter, "", &[], Some(1)).map_err(classify)?;
+                            let newest = scan_matching(c, "mqtt_msg", MSG_COLS, filter, "", &[], Some(1))?;
                             let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
                             c.prepare_cached("INSERT INTO mqtt_acked (clientid, topic, mid) VALUES (?1, ?2, ?3) ON CONFLICT (clientid, topic) DO NOTHING")
                                 .and_then(|mut s| s.execute(params![&*req.clientid, filter, mid]))
                                 .map_err(classify)?;
                             if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
-                                scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?
+                                scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max)?
                             } else {
                                 Vec::new()
                             }
                         }
                     }
                 }
-                FetchKind::Queue => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?,
-                FetchKind::KeepLatest => {
-                    scan_matching(c, "mqtt_latest", MSG_COLS, filter, " AND arrived >= ?", &[since], max).map_err(classify)?
-                }
+                FetchKind::Queue => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max)?,
+                FetchKind::KeepLatest => scan_matching(c, "mqtt_latest", MSG_COLS, filter, " AND arrived >= ?", &[since], max)?,
             };
             let mut msgs = keep_newest(msgs, max);
             msgs.reverse();
@@ -344,8 +390,7 @@ impl Backend for SqliteBackend {
                 "",
                 &[],
                 None,
-            )
-            .map_err(classify)?;
+            )?;
             v.reverse();
             Ok(v)
         }))
@@ -357,12 +402,13 @@ impl Backend for SqliteBackend {
             let mut st = c
                 .prepare_cached("SELECT topic, qos FROM mqtt_sub WHERE clientid = ?1 ORDER BY id")
                 .map_err(classify)?;
-            let rows = st
-                .query_map(params![clientid], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.clamp(0, 2) as u8))
-                })
-                .map_err(classify)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(classify)
+            let mut rows = st.query(params![clientid]).map_err(classify)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(classify)? {
+                let topic = text_col(r, 0, "mqtt_sub")?.ok_or_else(|| unexpected(r, 0, "mqtt_sub", "text", "NULL"))?;
+                out.push((topic, int_col(r, 1, "mqtt_sub")?.clamp(0, 2) as u8));
+            }
+            Ok(out)
         }))
     }
 

@@ -165,6 +165,13 @@ pub async fn pg_connect(cfg: &tokio_postgres::Config) -> tokio_postgres::Client 
     client
 }
 
+impl PgKit {
+    /// A client on this kit's own database.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
 impl Kit for PgKit {
     const DB: &'static str = "pgsql";
 
