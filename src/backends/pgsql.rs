@@ -95,6 +95,9 @@ pub struct PgBackend {
     label: String,
     pool: Pool,
     prepare: bool,
+    /// `prepare = off`: the parameter types the server reported for each custom statement,
+    /// learned once, so values convert to them as with prepared statements.
+    param_types: parking_lot::Mutex<HashMap<Arc<str>, Arc<[Type]>>>,
 }
 
 fn classify(e: &tokio_postgres::Error) -> BackendError {
@@ -164,6 +167,7 @@ impl PgBackend {
             label: pool.label(),
             pool: built,
             prepare: s.prepare,
+            param_types: Default::default(),
         };
         if s.auto_create_schema {
             let c = backend
@@ -459,9 +463,33 @@ impl PgBackend {
             let prepared = c.prepare_cached(&st.text).await?;
             c.execute(&prepared, &refs).await
         } else {
-            let types: Vec<Type> = ps.iter().map(Bind::natural_type).collect();
-            self.exec(c, &st.text, &types, &refs).await
+            let types = self.param_types_of(c, &st.text).await?;
+            let r = self.exec(c, &st.text, &types, &refs).await;
+            if r.as_ref().err().and_then(|e| e.code()).is_some_and(|c| c.code().starts_with("42")) {
+                // The table may have changed since the types were learned: learn them again.
+                self.param_types.lock().remove(&st.text);
+            }
+            r
         }
+    }
+
+    /// The server's parameter types for `sql`, without leaving a named statement behind: the
+    /// statement is prepared and closed inside one transaction, which PgBouncer's transaction
+    /// pooling keeps on one server connection.
+    async fn param_types_of(&self, c: &deadpool_postgres::Object, sql: &Arc<str>) -> Result<Arc<[Type]>, tokio_postgres::Error> {
+        if let Some(t) = self.param_types.lock().get(sql) {
+            return Ok(t.clone());
+        }
+        c.batch_execute("BEGIN").await?;
+        let learned = match c.prepare(sql).await {
+            Ok(st) => Ok(Arc::<[Type]>::from(st.params())),
+            Err(e) => Err(e),
+        };
+        let end = c.batch_execute(if learned.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
+        let types = learned?;
+        end?;
+        self.param_types.lock().insert(sql.clone(), types.clone());
+        Ok(types)
     }
 }
 
@@ -528,15 +556,6 @@ fn text_col(r: &Row, i: usize, table: &str) -> BResult<Option<String>> {
 struct Bind<'a>(&'a Value);
 
 impl Bind<'_> {
-    fn natural_type(v: &Value) -> Type {
-        match v {
-            Value::Int(_) => Type::INT8,
-            Value::Bytes(_) => Type::BYTEA,
-            Value::Bool(_) => Type::BOOL,
-            Value::Str(_) | Value::Null => Type::TEXT,
-        }
-    }
-
     fn text(&self) -> Result<std::borrow::Cow<'_, str>, Box<dyn StdError + Sync + Send>> {
         Ok(match self.0 {
             Value::Str(s) => std::borrow::Cow::Borrowed(&**s),
@@ -573,14 +592,57 @@ impl ToSql for Bind<'_> {
         true
     }
 
+    /// Types this binder has no binary encoder for (numeric, uuid, inet, interval, arrays, …),
+    /// and times given as text, go in PostgreSQL's text format: the server parses them with the
+    /// type's own input function, exactly as it would a literal.
+    fn encode_format(&self, ty: &Type) -> tokio_postgres::types::Format {
+        if self.binary(ty) {
+            tokio_postgres::types::Format::Binary
+        } else {
+            tokio_postgres::types::Format::Text
+        }
+    }
+
     tokio_postgres::types::to_sql_checked!();
 }
 
 impl Bind<'_> {
+    /// Whether `encode` writes the binary form for `ty` (otherwise the text form).
+    fn binary(&self, ty: &Type) -> bool {
+        match *ty {
+            Type::BYTEA | Type::INT2 | Type::INT4 | Type::INT8 | Type::FLOAT4 | Type::FLOAT8 => true,
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN | Type::JSON | Type::JSONB => true,
+            // `true`, `yes`, `on`, … as text are the server's to parse.
+            Type::BOOL => matches!(self.0, Value::Bool(_) | Value::Int(_)),
+            // Milliseconds (a number, or digits) convert here; a time written as text is the
+            // server's to parse, like a literal.
+            Type::TIMESTAMPTZ | Type::TIMESTAMP | Type::DATE => match self.0 {
+                Value::Int(_) => true,
+                _ => self.text().is_ok_and(|t| t.trim().parse::<i64>().is_ok()),
+            },
+            _ => false,
+        }
+    }
+
     fn encode(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
         if matches!(self.0, Value::Null) {
             return Ok(IsNull::Yes);
         }
+        if !self.binary(ty) {
+            out.extend_from_slice(self.text()?.as_bytes());
+            return Ok(IsNull::No);
+        }
+        let float = || -> Result<f64, Box<dyn StdError + Sync + Send>> {
+            match self.0 {
+                Value::Int(i) => Ok(*i as f64),
+                Value::Bool(b) => Ok(f64::from(u8::from(*b))),
+                _ => Ok(self
+                    .text()?
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("cannot convert {:?} to {ty}", self.0))?),
+            }
+        };
         let int = || -> Result<i64, Box<dyn StdError + Sync + Send>> {
             match self.0 {
                 Value::Int(i) => Ok(*i),
@@ -600,12 +662,19 @@ impl Bind<'_> {
             Type::INT2 => i16::try_from(int()?)?.to_sql(ty, out),
             Type::INT4 => i32::try_from(int()?)?.to_sql(ty, out),
             Type::INT8 => int()?.to_sql(ty, out),
-            Type::FLOAT8 => (int()? as f64).to_sql(ty, out),
+            Type::FLOAT8 => float()?.to_sql(ty, out),
+            Type::FLOAT4 => (float()? as f32).to_sql(ty, out),
             Type::BOOL => match self.0 {
                 Value::Bool(b) => b.to_sql(ty, out),
                 _ => (int()? != 0).to_sql(ty, out),
             },
             Type::TIMESTAMPTZ | Type::TIMESTAMP => (std::time::UNIX_EPOCH + Duration::from_millis(int()?.max(0) as u64)).to_sql(ty, out),
+            Type::DATE => {
+                // Days since 2000-01-01 (PostgreSQL's epoch), from milliseconds since 1970.
+                let days = (int()?.div_euclid(86_400_000) - 10_957) as i32;
+                out.extend_from_slice(&days.to_be_bytes());
+                Ok(IsNull::No)
+            }
             Type::JSON => {
                 out.extend_from_slice(self.text()?.as_bytes());
                 Ok(IsNull::No)
@@ -616,7 +685,7 @@ impl Bind<'_> {
                 Ok(IsNull::No)
             }
             _ => {
-                // text, varchar, bpchar, name, unknown, and anything with a text input form.
+                // text, varchar, bpchar, name, unknown: their binary form is the text.
                 out.extend_from_slice(self.text()?.as_bytes());
                 Ok(IsNull::No)
             }
