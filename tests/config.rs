@@ -287,6 +287,287 @@ fn a_redis_command_with_an_unknown_placeholder_names_its_line() {
     );
 }
 
+/// An etc/ for `db` whose plugin file is `pool_line` (line 1) then `rule_lines` (from line 2).
+fn db_etc_with(db: &str, pool_line: &str, rule_lines: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = write_etc(dir.path(), db, &format!("{pool_line}\n{rule_lines}"), "");
+    (dir, etc)
+}
+
+/// `check` fails, and for each `(line, text)` one line of its output holds
+/// `emqx_backend_<db>.conf:<line>: ` and `text`.
+fn assert_errors_at(db: &str, etc: &std::path::Path, expected: &[(u32, &str)]) {
+    let (ok, out) = check(etc);
+    assert!(!ok, "{out}");
+    for (line, text) in expected {
+        let at = format!("emqx_backend_{db}.conf:{line}: ");
+        assert!(
+            out.lines().any(|l| l.contains(&at) && l.contains(text)),
+            "expected `{at}…{text}` in:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn function_next_to_a_statement_list_is_an_error() {
+    let (_d, etc) = etc_with(concat!(
+        r#"backend.sqlite.hook.message.publish.1 = {"action": {"function": "on_message_publish", "sql": ["insert into t values (${clientid})"]}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.2 = {"action": {"cql": ["insert into t values (${clientid})"], "function": "on_message_publish"}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.3 = {"action": {"commands": ["SET k ${payload}"]}, "pool": "pool1"}"#,
+        "\n",
+    ));
+    assert_errors_at(
+        "sqlite",
+        &etc,
+        &[
+            (
+                2,
+                "`action` has both `function` and `sql`, which are exclusive: keep `function` to run the builtin, or `sql` to run your own statements (one rule each)",
+            ),
+            (3, "`action` has both `function` and `cql`, which are exclusive"),
+            (4, "`action.commands` is not for sqlite rules: write `sql` (or `function`)"),
+        ],
+    );
+}
+
+#[test]
+fn max_returned_count_out_of_range_or_zero_is_an_error() {
+    let (_d, etc) = etc_with(concat!(
+        r#"backend.sqlite.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"max_returned_count": 4294967297}}"#,
+        "\n",
+        r#"backend.sqlite.hook.session.subscribed.2 = {"action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"max_returned_count": 0}}"#,
+        "\n",
+        r#"backend.sqlite.hook.session.subscribed.3 = {"action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"max_returned_count": -1}}"#,
+        "\n",
+        "backend.sqlite.max_returned_count = 4294967296\n",
+    ));
+    assert_errors_at(
+        "sqlite",
+        &etc,
+        &[
+            (
+                2,
+                "`max_returned_count` = 4294967297 is out of range: at most 4294967295, or \"infinity\" for no limit",
+            ),
+            (
+                3,
+                "`max_returned_count` = 0 would deliver no offline messages: write a count of at least 1, or \"infinity\" for no limit",
+            ),
+            (
+                4,
+                "`max_returned_count` must be an integer in 1..=4294967295 or \"infinity\" (no limit), found `-1`",
+            ),
+            (5, "`max_returned_count` = 4294967296 is out of range"),
+        ],
+    );
+}
+
+#[test]
+fn max_returned_count_infinity_means_no_limit() {
+    let (_d, etc) = etc_with(concat!(
+        "backend.sqlite.max_returned_count = infinity\n",
+        r#"backend.sqlite.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"max_returned_count": "infinity"}}"#,
+        "\n",
+    ));
+    let (ok, out) = check(&etc);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn overflowing_durations_and_sizes_are_errors() {
+    let (_d, etc) = etc_with(concat!(
+        "backend.sqlite.time_range = 300000000000000d\n",
+        "backend.sqlite.message_ttl = 18446744073709551616s\n",
+        "backend.sqlite.spool.max_size = 17179869184GB\n",
+        r#"backend.sqlite.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"time_range": "9300000000000000s"}}"#,
+        "\n",
+    ));
+    assert_errors_at(
+        "sqlite",
+        &etc,
+        &[
+            (
+                2,
+                "duration `300000000000000d` is too large: at most 9223372036854775s; write `infinity` for no limit",
+            ),
+            (3, "duration `18446744073709551616s` is too large"),
+            (
+                4,
+                "`spool.max_size` = `17179869184GB` is too large: at most 18446744073709551615 bytes",
+            ),
+            (5, "duration `9300000000000000s` is too large"),
+        ],
+    );
+}
+
+#[test]
+fn a_non_positive_expired_time_is_an_error() {
+    let (_d, etc) = db_etc_with(
+        "redis",
+        "backend.redis.pool1.server = 127.0.0.1:6379",
+        concat!(
+            r#"backend.redis.hook.message.publish.1 = {"action": {"function": "on_message_publish"}, "expired_time": 0, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.redis.hook.message.publish.2 = {"action": {"function": "on_message_retain"}, "expired_time": -5, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.redis.hook.message.publish.3 = {"action": {"function": "on_retain_delete"}, "expired_time": 1.5, "pool": "pool1"}"#,
+            "\n",
+        ),
+    );
+    assert_errors_at(
+        "redis",
+        &etc,
+        &[
+            (
+                2,
+                "`expired_time` must be a positive integer (seconds), found 0: omit it for the default, 7200",
+            ),
+            (3, "`expired_time` must be a positive integer (seconds), found -5"),
+            (4, "`expired_time` must be a positive integer (seconds), found 1.5"),
+        ],
+    );
+}
+
+#[test]
+fn sqlite_statements_with_quoted_or_commented_placeholders_or_hand_written_parameters_are_errors() {
+    let (_d, etc) = etc_with(concat!(
+        r#"backend.sqlite.hook.message.publish.1 = {"action": {"sql": ["insert into t(c) values ('${clientid}')"]}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.2 = {"action": {"sql": ["insert into t(c) values (${clientid}) -- from ${topic}"]}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.3 = {"action": {"sql": ["insert into t(c) values (?)"]}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.4 = {"action": {"sql": ["insert /* ${payload} */ into t(c) values (${clientid})"]}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.5 = {"action": {"sql": ["insert into `t` (`${topic}`) values (1)"]}, "pool": "pool1"}"#,
+        "\n",
+    ));
+    assert_errors_at(
+        "sqlite",
+        &etc,
+        &[
+            (
+                2,
+                "placeholder `${clientid}` is inside a quoted string ('…'): write it bare (`${clientid}`), values are always bound as parameters",
+            ),
+            (
+                3,
+                "placeholder `${topic}` is inside a `--` comment, where the database never sees its parameter: move it out of the comment or delete it",
+            ),
+            (
+                4,
+                "hand-written parameter `?`: write a `${name}` placeholder instead (e.g. `${clientid}`), bind parameters come only from placeholders",
+            ),
+            (5, "placeholder `${payload}` is inside a `/* */` comment"),
+            (6, "placeholder `${topic}` is inside backticks (`…`)"),
+        ],
+    );
+}
+
+const PG_POOL: &str = "backend.pgsql.pool1.server = 127.0.0.1:5432";
+
+#[test]
+fn pgsql_statements_with_quoted_placeholders_or_hand_written_parameters_are_errors() {
+    let (_d, etc) = db_etc_with(
+        "pgsql",
+        PG_POOL,
+        concat!(
+            r#"backend.pgsql.hook.message.publish.1 = {"action": {"sql": ["insert into t values ($1, ${clientid})"]}, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.pgsql.hook.message.publish.2 = {"action": {"sql": ["insert into t values ($body$ ${payload} $body$)"]}, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.pgsql.hook.message.publish.3 = {"action": {"sql": ["select \"${clientid}\" from t"]}, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.pgsql.hook.message.publish.4 = {"action": {"sql": ["insert into t values (E'\\'${clientid}')"]}, "pool": "pool1"}"#,
+            "\n",
+        ),
+    );
+    assert_errors_at(
+        "pgsql",
+        &etc,
+        &[
+            (2, "hand-written parameter `$1`: write a `${name}` placeholder instead"),
+            (
+                3,
+                "placeholder `${payload}` is inside a dollar-quoted string ($body$…$body$): write it bare (`${payload}`)",
+            ),
+            (4, "placeholder `${clientid}` is inside double quotes (\"…\")"),
+            (5, "placeholder `${clientid}` is inside a quoted string ('…')"),
+        ],
+    );
+}
+
+#[test]
+fn legitimate_pgsql_statements_still_load() {
+    let (_d, etc) = db_etc_with(
+        "pgsql",
+        PG_POOL,
+        concat!(
+            r#"backend.pgsql.hook.message.publish.1 = {"action": {"sql": ["insert into t(a) values (${clientid}) on conflict do nothing"]}, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.pgsql.hook.message.publish.2 = {"action": {"sql": ["update t set n = n + 1 where doc ? 'key' and q = ${qos}::int -- count it"]}, "pool": "pool1"}"#,
+            "\n",
+            r#"backend.pgsql.hook.message.publish.3 = {"action": {"sql": ["insert into t values ('it''s', E'\\'', $$ $1 ? $$, ${payload})"]}, "pool": "pool1"}"#,
+            "\n",
+        ),
+    );
+    let (ok, out) = check(&etc);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 rule(s)"), "{out}");
+}
+
+#[test]
+fn other_wrong_values_in_a_rule_are_errors() {
+    let (_d, etc) = etc_with(concat!(
+        r#"backend.sqlite.hook.message.publish.1 = {"action": {"sql": []}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.2 = {"action": {"function": "on_message_publish", "pool": "pool1"}}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.3 = {"action": {"function": "on_message_publish"}, "pool": 1}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.4 = {"action": {"sql": 5}, "pool": "pool1"}"#,
+        "\n",
+        r#"backend.sqlite.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1", "offline_opts": {"time_rang": "2h"}}"#,
+        "\n",
+        r#"backend.sqlite.hook.message.publish.5 = {"action": {"functon": "on_message_publish"}, "pool": "pool1"}"#,
+        "\n",
+    ));
+    assert_errors_at(
+        "sqlite",
+        &etc,
+        &[
+            (2, "`action.sql` is empty: list at least one statement, or use `function`"),
+            (3, "`pool` belongs to the rule, not inside `action`: move it next to `action`"),
+            (4, "`pool` must be a string naming a configured pool, found 1"),
+            (5, "`action.sql` must be a list of strings, found 5"),
+            (6, "unknown field `time_rang` in offline_opts (did you mean `time_range`?)"),
+            (
+                7,
+                "unknown field `functon` in `action` (did you mean `function`?): expected `function` or `sql`",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_redis_pipeline_without_commands_is_an_error() {
+    let (_d, etc) = db_etc_with(
+        "redis",
+        "backend.redis.pool1.server = 127.0.0.1:6379",
+        concat!(
+            r#"backend.redis.hook.message.publish.1 = {"action": {"commands": ["pipeline"]}, "pool": "pool1"}"#,
+            "\n"
+        ),
+    );
+    assert_errors_at(
+        "redis",
+        &etc,
+        &[(2, "`action.commands` holds only \"pipeline\": list the commands to send after it")],
+    );
+}
+
 #[test]
 fn the_compose_environment_configures_the_shipped_files() {
     // Every MQTT_PERSIST__ override of docker/compose.yml, applied to the shipped etc/.

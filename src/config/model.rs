@@ -542,9 +542,9 @@ fn backend_conf(
         let global = key.strip_prefix(&global_prefix);
         match global {
             Some("max_returned_count") => {
-                match entry.value.parse() {
-                    Ok(v) => defaults.max_returned_count = Some(v),
-                    Err(_) => errors.push(ConfError::new(&entry.origin, "`max_returned_count` must be an integer")),
+                match parse_max_returned_count(&entry.value) {
+                    Ok(v) => defaults.max_returned_count = v,
+                    Err(m) => errors.push(ConfError::new(&entry.origin, m)),
                 }
                 continue;
             }
@@ -563,12 +563,9 @@ fn backend_conf(
                 continue;
             }
             Some("spool.max_size") => {
-                match parse_size(&entry.value) {
-                    Some(v) => spool_max_bytes = v,
-                    None => errors.push(ConfError::new(
-                        &entry.origin,
-                        format!("`spool.max_size` must be a size like 512MB or 2GB, found `{}`", entry.value),
-                    )),
+                match parse_size("spool.max_size", &entry.value) {
+                    Ok(v) => spool_max_bytes = v,
+                    Err(m) => errors.push(ConfError::new(&entry.origin, m)),
                 }
                 continue;
             }
@@ -645,17 +642,29 @@ fn backend_conf(
     }
 }
 
-/// `1048576`, `512KB`, `64MB`, `2GB`.
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim().to_ascii_uppercase();
-    let (num, mult) = match s.trim_end_matches('B') {
-        t if t.ends_with('K') => (t.trim_end_matches('K').to_string(), 1u64 << 10),
-        t if t.ends_with('M') => (t.trim_end_matches('M').to_string(), 1 << 20),
-        t if t.ends_with('G') => (t.trim_end_matches('G').to_string(), 1 << 30),
-        t => (t.to_string(), 1),
+/// `1048576`, `512KB`, `64MB`, `2GB` (binary multiples) for the setting `key`.
+fn parse_size(key: &str, s: &str) -> Result<u64, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let t = upper.strip_suffix('B').unwrap_or(&upper);
+    let (num, mult) = if let Some(n) = t.strip_suffix('K') {
+        (n, 1u64 << 10)
+    } else if let Some(n) = t.strip_suffix('M') {
+        (n, 1 << 20)
+    } else if let Some(n) = t.strip_suffix('G') {
+        (n, 1 << 30)
+    } else {
+        (t, 1)
     };
-    num.trim().parse::<u64>().ok().map(|n| n * mult)
+    let too_large = || format!("`{key}` = `{s}` is too large: at most {} bytes", u64::MAX);
+    match num.trim().parse::<u64>() {
+        Ok(n) => n.checked_mul(mult).ok_or_else(too_large),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(too_large()),
+        Err(_) => Err(format!("`{key}` must be a size like 512MB or 2GB, found `{s}`")),
+    }
 }
+
+/// The longest duration accepted: backends subtract durations, in milliseconds, from an `i64` clock.
+const MAX_DURATION_SECS: u64 = i64::MAX as u64 / 1000;
 
 /// `2h`, `30m`, `45s`, `1d`, plain seconds, or `infinity`/`0`/`off` for none.
 pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
@@ -664,17 +673,57 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
         return Ok(None);
     }
     let (num, mult) = match s.char_indices().last() {
-        Some((i, 'd')) => (&s[..i], 86_400),
+        Some((i, 'd')) => (&s[..i], 86_400u64),
         Some((i, 'h')) => (&s[..i], 3_600),
         Some((i, 'm')) => (&s[..i], 60),
         Some((i, 's')) => (&s[..i], 1),
         _ => (s, 1),
     };
-    num.trim()
-        .parse::<u64>()
-        .map(|n| Some(Duration::from_secs(n * mult)))
-        .map_err(|_| format!("invalid duration `{s}`: expected e.g. `2h`, `30m`, `10s`, `1d` or `infinity`"))
+    let too_large = || format!("duration `{s}` is too large: at most {MAX_DURATION_SECS}s; write `infinity` for no limit");
+    match num.trim().parse::<u64>() {
+        Ok(n) => match n.checked_mul(mult) {
+            // `0s` means what `0` means: off. A zero `message_ttl` would otherwise delete every
+            // stored message, and a zero `time_range` would fetch nothing.
+            Some(0) => Ok(None),
+            Some(secs) if secs <= MAX_DURATION_SECS => Ok(Some(Duration::from_secs(secs))),
+            _ => Err(too_large()),
+        },
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(too_large()),
+        Err(_) => Err(format!(
+            "invalid duration `{s}`: expected e.g. `2h`, `30m`, `10s`, `1d` or `infinity`"
+        )),
+    }
 }
+
+/// `max_returned_count`: 1..=u32::MAX, or `infinity` (EMQX's spelling) for no limit. 0 is refused
+/// rather than read as "no limit": the backends keep the newest N (`keep_newest`, the scan
+/// `limit`), so 0 would silently deliver no offline messages, while some users write 0 meaning
+/// unlimited; either reading would surprise someone.
+fn parse_max_returned_count(s: &str) -> Result<Option<u32>, String> {
+    let s = s.trim().trim_matches('"');
+    if s == "infinity" {
+        return Ok(None);
+    }
+    let out_of_range = || {
+        format!(
+            "`max_returned_count` = {s} is out of range: at most {}, or \"infinity\" for no limit",
+            u32::MAX
+        )
+    };
+    match s.parse::<u64>() {
+        Ok(0) => Err(
+            "`max_returned_count` = 0 would deliver no offline messages: write a count of at least 1, or \"infinity\" for no limit".into(),
+        ),
+        Ok(n) => u32::try_from(n).map(Some).map_err(|_| out_of_range()),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(out_of_range()),
+        Err(_) => Err(format!(
+            "`max_returned_count` must be an integer in 1..={} or \"infinity\" (no limit), found `{s}`",
+            u32::MAX
+        )),
+    }
+}
+
+const RULE_FIELDS: [&str; 6] = ["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"];
 
 fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolConf>, defaults: &OfflineOpts) -> Result<Rule, String> {
     let Some((hook_name, n)) = rest.rsplit_once('.') else {
@@ -690,11 +739,8 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
     let json: serde_json::Value = serde_json::from_str(&entry.value).map_err(|e| format!("invalid JSON value: {e}"))?;
     let obj = json.as_object().ok_or("hook value must be a JSON object")?;
     for k in obj.keys() {
-        if !["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"].contains(&k.as_str()) {
-            return Err(format!(
-                "unknown field `{k}` in hook rule{}",
-                did_you_mean(k, ["topic", "action", "pool", "offline_opts", "expired_time", "payload_format"])
-            ));
+        if !RULE_FIELDS.contains(&k.as_str()) {
+            return Err(format!("unknown field `{k}` in hook rule{}", did_you_mean(k, RULE_FIELDS)));
         }
     }
     let topic = match obj.get("topic") {
@@ -705,7 +751,8 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
     let pool = match obj.get("pool") {
         Some(serde_json::Value::String(p)) => p.clone(),
         None if pools.len() == 1 => pools.keys().next().cloned().unwrap_or_default(),
-        _ => return Err("`pool` must name a configured pool".into()),
+        None => return Err("`pool` must name a configured pool".into()),
+        Some(v) => return Err(format!("`pool` must be a string naming a configured pool, found {v}")),
     };
     if !pools.contains_key(&pool) {
         let names: Vec<&str> = pools.keys().map(String::as_str).collect();
@@ -719,6 +766,28 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         .get("action")
         .and_then(|a| a.as_object())
         .ok_or("`action` must be an object with `function` or a statement list")?;
+    let key = db.statement_key();
+    let statement_keys: Vec<&str> = Db::ALL.iter().map(|d| d.statement_key()).collect();
+    // EMQX let `function` win silently; a rule that also lists statements means something else.
+    if action.contains_key("function") {
+        if let Some(k) = action.keys().find(|k| statement_keys.contains(&k.as_str())) {
+            return Err(format!(
+                "`action` has both `function` and `{k}`, which are exclusive: keep `function` to run the builtin, or `{key}` to run your own statements (one rule each)"
+            ));
+        }
+    }
+    if let Some(k) = action.keys().find(|k| *k != "function" && *k != key) {
+        return Err(if statement_keys.contains(&k.as_str()) {
+            format!("`action.{k}` is not for {db} rules: write `{key}` (or `function`)")
+        } else if RULE_FIELDS.contains(&k.as_str()) {
+            format!("`{k}` belongs to the rule, not inside `action`: move it next to `action`")
+        } else {
+            format!(
+                "unknown field `{k}` in `action`{}: expected `function` or `{key}`",
+                did_you_mean(k, ["function", key])
+            )
+        });
+    }
     let action = if let Some(f) = action.get("function") {
         let name = f.as_str().ok_or("`action.function` must be a string")?;
         let b = Builtin::parse(name, db).ok_or_else(|| format!("unknown function `{name}`{}", did_you_mean(name, Builtin::names())))?;
@@ -727,7 +796,6 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         }
         Action::Builtin(b)
     } else {
-        let key = db.statement_key();
         let list = match action.get(key) {
             Some(serde_json::Value::Array(items)) => items
                 .iter()
@@ -738,11 +806,12 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             Some(serde_json::Value::String(s)) => vec![s.clone()],
-            _ => {
-                let found = action.keys().next().map(|k| format!(" (found `{k}`)")).unwrap_or_default();
-                return Err(format!("`action` needs `function` or `{key}` for {db}{found}"));
-            }
+            Some(v) => return Err(format!("`action.{key}` must be a list of strings, found {v}")),
+            None => return Err(format!("`action` needs `function` or `{key}` for {db}")),
         };
+        if list.is_empty() {
+            return Err(format!("`action.{key}` is empty: list at least one statement, or use `function`"));
+        }
         match db {
             Db::Redis => {
                 let pipeline = list.first().is_some_and(|s| s.eq_ignore_ascii_case("pipeline"));
@@ -751,6 +820,9 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
                     .skip(usize::from(pipeline))
                     .map(|c| Command::compile(c, hook).map_err(|e| format!("in `{c}`: {e}")))
                     .collect::<Result<Vec<_>, _>>()?;
+                if commands.is_empty() {
+                    return Err("`action.commands` holds only \"pipeline\": list the commands to send after it".into());
+                }
                 Action::Commands { pipeline, commands }
             }
             _ => {
@@ -768,7 +840,8 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         for (k, v) in o {
             match k.as_str() {
                 "max_returned_count" => {
-                    offline.max_returned_count = Some(v.as_u64().ok_or("`max_returned_count` must be a non-negative integer")? as u32)
+                    // The same text as the global key: `500`, or `"infinity"` for no limit.
+                    offline.max_returned_count = parse_max_returned_count(&v.to_string())?
                 }
                 "time_range" => {
                     let s = match v {
@@ -789,16 +862,26 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
                         }
                     }
                 }
-                other => return Err(format!("unknown field `{other}` in offline_opts")),
+                other => {
+                    return Err(format!(
+                        "unknown field `{other}` in offline_opts{}",
+                        did_you_mean(other, ["max_returned_count", "time_range", "first_subscribe"])
+                    ))
+                }
             }
         }
     }
+    // EMQX documented `<= 0` as "the default" only for its global `msg.expired_after`; no EMQX
+    // rule we know of writes 0 here, so a zero or negative TTL is an error, not a silent 2h.
     let expired_time = match obj.get("expired_time") {
         None => 7200,
         Some(v) => match v.as_i64() {
             Some(s) if s > 0 => s as u64,
-            Some(_) => 7200,
-            None => return Err("`expired_time` must be an integer (seconds)".into()),
+            _ => {
+                return Err(format!(
+                    "`expired_time` must be a positive integer (seconds), found {v}: omit it for the default, 7200"
+                ))
+            }
         },
     };
     let payload_format = match obj.get("payload_format") {
@@ -818,4 +901,45 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         payload_format,
         origin: entry.origin.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_checked_not_wrapped() {
+        assert_eq!(parse_duration("2h"), Ok(Some(Duration::from_secs(7200))));
+        assert_eq!(parse_duration("0s"), Ok(None));
+        assert_eq!(parse_duration("infinity"), Ok(None));
+        let max = format!("{MAX_DURATION_SECS}s");
+        assert_eq!(parse_duration(&max), Ok(Some(Duration::from_secs(MAX_DURATION_SECS))));
+        for big in ["9223372036854776s", "213503982334602d", "18446744073709551616"] {
+            let e = parse_duration(big).unwrap_err();
+            assert!(e.contains("too large"), "{big}: {e}");
+        }
+        assert!(parse_duration("-1s").unwrap_err().contains("invalid duration"));
+    }
+
+    #[test]
+    fn sizes_are_checked_not_wrapped() {
+        assert_eq!(parse_size("k", "512KB"), Ok(512 << 10));
+        assert_eq!(parse_size("k", "2gb"), Ok(2 << 30));
+        assert_eq!(parse_size("k", "1048576"), Ok(1 << 20));
+        assert!(parse_size("k", "17179869184GB").unwrap_err().contains("too large"));
+        assert!(parse_size("k", "18446744073709551616").unwrap_err().contains("too large"));
+        assert!(parse_size("k", "5BB").unwrap_err().contains("must be a size"));
+    }
+
+    #[test]
+    fn max_returned_count_range() {
+        assert_eq!(parse_max_returned_count("500"), Ok(Some(500)));
+        assert_eq!(parse_max_returned_count("4294967295"), Ok(Some(u32::MAX)));
+        assert_eq!(parse_max_returned_count("\"infinity\""), Ok(None));
+        assert!(parse_max_returned_count("4294967296").unwrap_err().contains("out of range"));
+        assert!(parse_max_returned_count("0")
+            .unwrap_err()
+            .contains("would deliver no offline messages"));
+        assert!(parse_max_returned_count("1.5").unwrap_err().contains("must be an integer"));
+    }
 }
