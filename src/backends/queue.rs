@@ -25,17 +25,33 @@ pub type Outcome = Result<(), Arc<str>>;
 #[derive(Debug)]
 pub struct Ticket {
     seq: u64,
-    done: mpsc::UnboundedSender<(u64, Outcome)>,
+    done: Option<mpsc::UnboundedSender<(u64, Outcome)>>,
     failure: parking_lot::Mutex<Option<Arc<str>>>,
+    /// Closed (dropped) when the writes are done, for any number of waiters.
+    _signal: Option<tokio::sync::watch::Sender<()>>,
 }
 
 impl Ticket {
     pub fn new(seq: u64, done: mpsc::UnboundedSender<(u64, Outcome)>) -> Arc<Ticket> {
         Arc::new(Ticket {
             seq,
-            done,
+            done: Some(done),
             failure: parking_lot::Mutex::new(None),
+            _signal: None,
         })
+    }
+
+    /// A ticket that only signals completion (committed or not): the receiver's `changed()`
+    /// errs once every write holding it is done.
+    pub fn watched() -> (Arc<Ticket>, tokio::sync::watch::Receiver<()>) {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        let t = Ticket {
+            seq: 0,
+            done: None,
+            failure: parking_lot::Mutex::new(None),
+            _signal: Some(tx),
+        };
+        (Arc::new(t), rx)
     }
 
     /// Marks the message as not stored (the first reason is kept).
@@ -50,7 +66,9 @@ impl Drop for Ticket {
             None => Ok(()),
             Some(reason) => Err(reason),
         };
-        let _ = self.done.send((self.seq, outcome));
+        if let Some(done) = &self.done {
+            let _ = done.send((self.seq, outcome));
+        }
     }
 }
 

@@ -779,11 +779,17 @@ impl Session {
             let (running, done) = watch::channel(());
             self.lookups_running.retain(|(_, r)| r.has_changed().is_ok());
             self.lookups_running.extend(new.iter().map(|(f, _, _)| (f.clone(), done.clone())));
+            // An unsubscribe of the same filter whose pointer delete is still queued (this
+            // connection's, or a taken-over one's) must land before the fetch reads the pointer.
+            let pending: Vec<_> = new
+                .iter()
+                .map(|(f, _, _)| self.engine.pointer_deletes_of(&self.client.clientid, f))
+                .collect();
             tokio::spawn(async move {
                 let _running = running;
                 let mut out = Vec::new();
-                for (filter, qos, is_new) in new {
-                    let found = d.subscribed(&client, &filter, qos, is_new).await;
+                for ((filter, qos, is_new), pending) in new.into_iter().zip(pending) {
+                    let found = d.subscribed_after(&client, &filter, qos, is_new, pending).await;
                     out.push((filter, qos, found));
                 }
                 out
@@ -818,16 +824,31 @@ impl Session {
                     None,
                 ));
             }
-            self.d.fire(&Event::Unsubscribed {
-                client: self.client.clone(),
-                filter: f.as_str().into(),
-            });
+            self.fire_unsubscribed(f.as_str().into());
         }
         self.sync_session();
         if !self.codec.is_v5() {
             reasons.clear();
         }
         self.write(Packet::UnsubAck(UnsubAck { pkid: unsub.pkid, reasons }, None));
+    }
+
+    /// `session.unsubscribed`, remembering its queued writes (the pointer delete) so that a
+    /// later subscription of the filter reads the pointer only after them.
+    fn fire_unsubscribed(&self, filter: Arc<str>) {
+        if !self.d.has(Hook::SessionUnsubscribed) {
+            return;
+        }
+        let (ticket, done) = Ticket::watched();
+        self.d.fire_with(
+            &Event::Unsubscribed {
+                client: self.client.clone(),
+                filter: filter.clone(),
+            },
+            Some(&ticket),
+        );
+        drop(ticket);
+        self.engine.pointer_delete_queued(&self.client.clientid, &filter, done);
     }
 
     fn sync_session(&self) {
@@ -1051,10 +1072,7 @@ impl Session {
                         None,
                     ));
                     self.sync_session();
-                    self.d.fire(&Event::Unsubscribed {
-                        client: self.client.clone(),
-                        filter: filter.as_str().into(),
-                    });
+                    self.fire_unsubscribed(filter.as_str().into());
                 }
             }
             Control::Inject(msgs) => {

@@ -44,7 +44,16 @@ pub struct Engine {
     pub storage: tokio::runtime::Handle,
     /// Where v3.1.1 publishes no database accepted are kept before they are acked.
     pub dead_letter: Arc<DeadLetter>,
+    /// Pointer deletes (unsubscribes) still queued, per client id and filter: a new
+    /// subscription's fetch waits for them, from this connection or a later one (takeover).
+    pointer_deletes: Mutex<PointerDeletes>,
 }
+
+/// Closed when a queued pointer delete is done.
+pub type PointerDelete = tokio::sync::watch::Receiver<()>;
+
+/// Per client id: the filters whose pointer deletes may still be queued.
+type PointerDeletes = HashMap<Arc<str>, Vec<(Arc<str>, PointerDelete)>>;
 
 /// A live connection: its id, its `connected_at`, its control channel.
 type Live = (u64, i64, mpsc::UnboundedSender<Control>);
@@ -94,6 +103,7 @@ impl Engine {
             generation: AtomicU64::new(0),
             storage,
             dead_letter,
+            pointer_deletes: Mutex::new(HashMap::new()),
         });
         engine.start_internal_link();
         Ok(engine)
@@ -161,6 +171,30 @@ impl Engine {
         if c.get(clientid).is_some_and(|(i, _, _)| *i == id) {
             c.remove(clientid);
         }
+    }
+
+    /// Remembers a queued pointer delete of `clientid`'s `filter` until it is done.
+    pub fn pointer_delete_queued(&self, clientid: &Arc<str>, filter: &Arc<str>, done: PointerDelete) {
+        let mut all = self.pointer_deletes.lock();
+        all.retain(|_, v| {
+            v.retain(|(_, d)| d.has_changed().is_ok());
+            !v.is_empty()
+        });
+        all.entry(clientid.clone()).or_default().push((filter.clone(), done));
+    }
+
+    /// The pointer deletes of `clientid`'s `filter` that may still be queued.
+    pub fn pointer_deletes_of(&self, clientid: &str, filter: &str) -> Vec<PointerDelete> {
+        self.pointer_deletes
+            .lock()
+            .get(clientid)
+            .map(|v| {
+                v.iter()
+                    .filter(|(f, d)| **f == *filter && d.has_changed().is_ok())
+                    .map(|(_, d)| d.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Sends a control command to a connected client; false if it is not connected here.

@@ -247,6 +247,12 @@ impl Dispatcher {
 
     /// Every other hook's writes: never waits.
     pub fn fire(&self, ev: &Event) {
+        self.fire_with(ev, None)
+    }
+
+    /// Like [`fire`](Self::fire), the event's writes holding `ticket`, so the caller learns
+    /// when they are done.
+    pub fn fire_with(&self, ev: &Event, ticket: Option<&Arc<Ticket>>) {
         for b in self.rules(ev.hook()) {
             if !b.matches(ev.topic()) {
                 continue;
@@ -297,7 +303,7 @@ impl Dispatcher {
                 },
             };
             RuleMetrics::inc(&b.metrics.matched);
-            b.pool.queue.try_push(Job::new(op, b.metrics.clone(), None));
+            b.pool.queue.try_push(Job::new(op, b.metrics.clone(), ticket.cloned()));
         }
     }
 
@@ -305,6 +311,26 @@ impl Dispatcher {
     /// subscription's live traffic (the hook's writes go through [`Dispatcher::fire`], in the
     /// client's event order). `is_new`: new in this session.
     pub async fn subscribed(&self, client: &Arc<Client>, filter: &Arc<str>, qos: u8, is_new: bool) -> Vec<Injection> {
+        self.subscribed_after(client, filter, qos, is_new, Vec::new()).await
+    }
+
+    /// [`subscribed`](Self::subscribed), once the pointer writes in `pending` (this client's
+    /// unsubscribes of the same filter, still queued) are done, so the fetch never reads a
+    /// pointer that is about to be deleted. The wait is bounded by `persist.fetch_timeout`.
+    pub async fn subscribed_after(
+        &self,
+        client: &Arc<Client>,
+        filter: &Arc<str>,
+        qos: u8,
+        is_new: bool,
+        pending: Vec<tokio::sync::watch::Receiver<()>>,
+    ) -> Vec<Injection> {
+        if !pending.is_empty() {
+            let all = futures::future::join_all(pending.into_iter().map(|mut rx| async move { while rx.changed().await.is_ok() {} }));
+            if tokio::time::timeout(self.fetch_timeout, all).await.is_err() {
+                tracing::debug!(clientid = %client.clientid, %filter, "an unsubscribe's pointer delete is still queued; fetching anyway");
+            }
+        }
         let mut out: Vec<Injection> = Vec::new();
         let mut seen = HashSet::new();
         for b in self.rules(Hook::SessionSubscribed) {

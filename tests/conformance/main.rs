@@ -3,6 +3,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod integrity;
 mod scenarios;
 
 macro_rules! conformance {
@@ -11,6 +12,9 @@ macro_rules! conformance {
             use super::common::kits::Kit;
             macro_rules! scenario {
                 ($name:ident) => {
+                    scenario!(scenarios::$name);
+                };
+                ($file:ident :: $name:ident) => {
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $name() {
                         if super::common::skipped(<$kit as Kit>::DB) {
@@ -21,7 +25,7 @@ macro_rules! conformance {
                             );
                             return;
                         }
-                        super::scenarios::$name::<$kit>().await;
+                        super::$file::$name::<$kit>().await;
                     }
                 };
             }
@@ -48,6 +52,7 @@ macro_rules! conformance {
             scenario!(one_clients_writes_keep_its_event_order);
             scenario!(an_unsubscribe_right_after_the_subscribe_leaves_no_pointer);
             scenario!(hash_filters_match_the_parent_level_in_fetch_and_retained);
+            scenario!(integrity::unsubscribe_then_subscribe_keeps_the_new_subscriptions_pointer);
         }
     };
 }
