@@ -203,3 +203,58 @@ async fn retained_messages_carry_expired_time_and_never_go_back_to_an_older_mess
     eventually("the later write landed", WAIT, || async { kit.retained(&other).await }).await;
     assert_eq!(kit.retained(&topic).await.as_deref(), Some(&b"newer"[..]));
 }
+
+/// SPEC §2.1: the commands of a list run in order; a refused one is logged and counted and the
+/// next runs; nothing runs twice, and one client's writes keep their order across rules,
+/// whether a list has the leading "pipeline" element or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_in_a_list_is_skipped_and_every_other_runs_once_in_order() {
+    if skipped("redis") {
+        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+        return;
+    }
+    let kit = RedisKit::new().await;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Each RPUSH adds a tag and the payload; INCRBY refuses a payload that is not a number.
+    let conf = format!(
+        "{}backend.redis.hook.message.publish.10 = {{\"topic\": \"multi/#\", \"action\": {{\"commands\": [\"RPUSH t:${{clientid}} a ${{payload}}\", \"INCRBY n:${{clientid}} ${{payload}}\", \"RPUSH t:${{clientid}} b ${{payload}}\"]}}, \"pool\": \"pool1\"}}\n\
+         backend.redis.hook.message.publish.11 = {{\"topic\": \"multi/#\", \"action\": {{\"commands\": [\"pipeline\", \"RPUSH t:${{clientid}} p ${{payload}}\", \"INCRBY m:${{clientid}} ${{payload}}\"]}}, \"pool\": \"pool1\"}}\n",
+        kit.plugin_conf()
+    );
+    let broker = BrokerProc::start_with("redis", &conf, &format!("metrics.listen = 127.0.0.1:{metrics_port}\n"));
+    let id = unique("multi");
+    let p = connect(broker.addr, &id, true).await;
+    let topic = format!("multi/{}", unique("x"));
+    for payload in ["x", "5", "1"] {
+        p.publish(&topic, QoS::AtLeastOnce, false, payload).await;
+    }
+    let want: Vec<&str> = [
+        "a", "x", "b", "x", "p", "x", "a", "5", "b", "5", "p", "5", "a", "1", "b", "1", "p", "1",
+    ]
+    .to_vec();
+    // The counters are written last: once they show the last message, every row is in.
+    eventually("the last message's writes", WAIT, || async {
+        let m: Option<i64> = kit.cmd(redis::cmd("GET").arg(format!("m:{id}"))).await;
+        (m == Some(6)).then_some(())
+    })
+    .await;
+    let rows: Vec<String> = kit
+        .custom_rows(&id)
+        .await
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(rows, want, "in order, each once");
+    let n: i64 = kit.cmd(redis::cmd("GET").arg(format!("n:{id}"))).await;
+    assert_eq!(n, 6, "the numeric payloads were added once each");
+    let text = metrics_text(metrics_port).await;
+    for rule in ["redis.hook.message.publish.10", "redis.hook.message.publish.11"] {
+        assert!(
+            text.contains(&format!("mqtt_persist_rule_failed_total{{rule=\"{rule}\"}} 1")),
+            "{text}"
+        );
+    }
+    for key in [format!("t:{id}"), format!("n:{id}"), format!("m:{id}")] {
+        let _: () = kit.cmd(redis::cmd("DEL").arg(key)).await;
+    }
+}

@@ -236,6 +236,18 @@ fn classify(e: RedisError) -> BackendError {
     BackendError::new(transient, e.to_string())
 }
 
+/// A reply error that says the server cannot take writes now, not that the data is wrong.
+fn transient_reply(e: &RedisError) -> bool {
+    use redis::ErrorKind::*;
+    matches!(e.kind(), TryAgain | ClusterDown | BusyLoadingError | MasterDown | ReadOnly)
+        || e.code().is_some_and(|c| {
+            matches!(
+                c,
+                "BUSY" | "NOREPLICAS" | "MOVED" | "ASK" | "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "READONLY"
+            )
+        })
+}
+
 /// redis 0.27 feeds `factor` to backon as a multiplier on a 1 s base delay: the default (100)
 /// makes the second reconnect attempt wait 100 s. Keep it short and capped; the write queue
 /// does the long-term retrying.
@@ -299,6 +311,16 @@ impl RedisBackend {
         let r = match self.conn().await? {
             Conn::Single(mut m) => p.query_async(&mut *m).await,
             Conn::Cluster(mut m) => p.query_async(&mut m).await,
+        };
+        self.after(r).await
+    }
+
+    /// A pipeline's replies one by one, a refused command's error among them as a value.
+    async fn run_pipe_raw(&self, p: &Pipeline, n: usize) -> BResult<Vec<Value>> {
+        use redis::aio::ConnectionLike;
+        let r = match self.conn().await? {
+            Conn::Single(mut m) => m.req_packed_commands(p, 0, n).await,
+            Conn::Cluster(mut m) => m.req_packed_commands(p, 0, n).await,
         };
         self.after(r).await
     }
@@ -615,11 +637,16 @@ impl Backend for RedisBackend {
 
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {
         Box::pin(async move {
+            // One pipeline in op order, custom command lists included (with or without their
+            // "pipeline" element: per-client order holds either way). Redis runs every command
+            // of a pipeline whatever the others answer, so each reply is read on its own: a
+            // refused command fails only its op (logged, counted), and nothing runs twice.
             let mut p = redis::pipe();
-            let mut custom_alone = Vec::new();
+            // The ops each range of commands belongs to: (end of the range, first op, last op).
+            let mut owners: Vec<(usize, usize, usize)> = Vec::new();
             let mut i = 0;
             while i < ops.len() {
-                match &ops[i] {
+                let j = match &ops[i] {
                     WriteOp::StoreMessage { .. } => {
                         // A run of stores: one hash + TTL per message, then per topic one
                         // multi-member ZADD, one EXPIRE and one index entry.
@@ -628,38 +655,43 @@ impl Backend for RedisBackend {
                             .position(|o| !matches!(o, WriteOp::StoreMessage { .. }))
                             .map_or(ops.len(), |k| i + k);
                         store_run(&mut p, &ops[i..j]);
-                        i = j;
-                        continue;
+                        j
                     }
-                    // Non-pipelined custom command lists run one by one: a failing command is
-                    // logged and the next still runs (EMQX semantics).
-                    WriteOp::Commands { pipeline: false, args, .. } if args.len() > 1 => custom_alone.push(i),
-                    op => Self::add_op(&mut p, op),
-                }
-                i += 1;
+                    op => {
+                        Self::add_op(&mut p, op);
+                        i + 1
+                    }
+                };
+                owners.push((p.cmd_iter().count(), i, j - 1));
+                i = j;
             }
-            if p.cmd_iter().next().is_some() {
-                self.run_pipe::<()>(&p).await?;
-            }
+            let n = p.cmd_iter().count();
             let mut written = Written::default();
-            for i in custom_alone {
-                if let WriteOp::Commands { args, .. } = &ops[i] {
-                    for a in args {
-                        let mut c = redis::cmd(&String::from_utf8_lossy(&a[0]));
-                        for x in &a[1..] {
-                            c.arg(&x[..]);
-                        }
-                        if let Err(e) = self.run::<Value>(&c).await {
-                            if e.transient {
-                                return Err(e);
-                            }
-                            tracing::warn!(pool = %self.label, error = %e, "custom command failed");
-                            if written.refused.last() != Some(&i) {
-                                written.refused.push(i);
-                            }
-                        }
-                    }
+            if n == 0 {
+                return Ok(written);
+            }
+            let replies = self.run_pipe_raw(&p, n).await?;
+            let mut first = 0;
+            for (end, lo, hi) in owners {
+                let errors: Vec<RedisError> = replies
+                    .get(first..end)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|v| matches!(v, Value::ServerError(_)))
+                    .filter_map(|v| v.clone().extract_error().err())
+                    .collect();
+                first = end;
+                if errors.is_empty() {
+                    continue;
                 }
+                if let Some(e) = errors.iter().find(|e| transient_reply(e)) {
+                    // The server is failing over or loading: not the data's fault, retry.
+                    return Err(BackendError::transient(e.to_string()));
+                }
+                for e in &errors {
+                    tracing::warn!(pool = %self.label, error = %e, "redis command refused");
+                }
+                written.refused.extend(lo..=hi);
             }
             Ok(written)
         })
