@@ -112,20 +112,72 @@ async fn the_metrics_endpoint_shows_rules_pools_and_connections() {
     .await;
 }
 
+/// SIGTERM with a non-empty write queue: every acked message is stored before the exit. The
+/// test holds SQLite's write lock, so the broker's writer waits on it (its busy timeout is
+/// longer than the test) while a burst of QoS 1 publishes is acked (`no_loss = off`: acks do
+/// not wait for storage) and queued; nothing is stored when the signal arrives; the lock goes
+/// only after the broker has begun shutting down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_queued_writes_and_exits_cleanly() {
     let kit = SqliteKit::new().await;
-    let mut broker = BrokerProc::start_with("sqlite", &kit.plugin_conf(), "persist.no_loss = off");
-    let p = connect(broker.addr, &unique("pub"), true).await;
+    let conf = format!("{}backend.sqlite.pool1.busy_timeout = 60000\n", kit.plugin_conf());
+    let mut broker = BrokerProc::start_with("sqlite", &conf, "persist.no_loss = off");
+    let id = unique("pub");
+    let (client, mut acks) = acking_client(broker.port(), &id);
+    eventually("the publisher's connect stored", WAIT, || async {
+        (kit.client_state(&id).await == Some(1)).then_some(())
+    })
+    .await;
+    let lock = kit.conn();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     let t = format!("{}/term", unique("term"));
-    for i in 0..500 {
-        p.publish(&t, QoS::AtLeastOnce, false, format!("{i}")).await;
+    let n = 2000;
+    for i in 0..n {
+        client.publish(&t, QoS::AtLeastOnce, false, format!("{i}")).await.unwrap();
     }
-    eventually("some stored", WAIT, || async { (kit.stored_count(&t).await > 0).then_some(()) }).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(WAIT, acks.wait_for(|a| *a >= n))
+        .await
+        .expect("every PUBACK while the database is locked")
+        .unwrap();
+    assert_eq!(
+        kit.stored_count(&t).await,
+        0,
+        "written before the signal: the drain would have nothing to do"
+    );
     broker.signal("-TERM");
+    eventually("shutdown begun", WAIT, || async {
+        broker
+            .log()
+            .contains("shutting down: no new connections, draining write queues")
+            .then_some(())
+    })
+    .await;
+    lock.execute_batch("ROLLBACK").unwrap();
     assert_eq!(broker.wait_exit(Duration::from_secs(15)), Some(true), "{}", broker.log());
-    assert_eq!(kit.stored_count(&t).await, 500);
+    assert_eq!(
+        kit.stored_count(&t).await,
+        n as i64,
+        "acked messages lost at shutdown:\n{}",
+        broker.log()
+    );
+    assert!(!broker.log().contains("dropped"), "{}", broker.log());
+}
+
+/// A QoS 1 publisher whose count of PUBACKs received is on the returned channel.
+fn acking_client(port: u16, id: &str) -> (rumqttc::AsyncClient, tokio::sync::watch::Receiver<usize>) {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(u16::MAX);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10_000);
+    let (tx, acks) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    });
+    (client, acks)
 }
 
 /// Nice values of the broker process's threads with this name.

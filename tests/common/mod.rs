@@ -16,15 +16,43 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// A unique name per test (and per process), for topics, client ids, databases.
+static UNIQUE_N: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// Set while a kit that cleans up by name is alive on this thread (see [`set_unique_tag`]).
+    static UNIQUE_TAG: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A unique name per test (and per process), for topics, client ids, databases. While a kit
+/// set a tag on this thread (the Redis kit does), the name carries it, so the kit can find
+/// and delete what the test stored under its names.
 pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
+    let n = UNIQUE_N.fetch_add(1, Ordering::Relaxed);
+    match UNIQUE_TAG.with(|t| t.borrow().clone()) {
+        Some(tag) => format!("{prefix}{tag}n{n}"),
+        None => format!("{prefix}{}", untagged(n)),
+    }
+}
+
+fn untagged(n: u32) -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros()
         % 100_000_000;
-    format!("{prefix}{}x{t}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!("{}x{t}x{n}", std::process::id())
+}
+
+/// A fresh tag, unique across processes and kits: `k<pid>x<time>x<n>`.
+pub fn fresh_tag() -> String {
+    format!("k{}", untagged(UNIQUE_N.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Makes [`unique`] names on this thread carry `tag` (or nothing); returns the previous tag.
+/// A test's body runs on one thread (`#[tokio::test]` blocks on it), so a kit made first in
+/// the test tags every name the test makes after it.
+pub fn set_unique_tag(tag: Option<String>) -> Option<String> {
+    UNIQUE_TAG.with(|t| std::mem::replace(&mut *t.borrow_mut(), tag))
 }
 
 /// A broker process with its own etc/ and data/ directories.
@@ -33,6 +61,8 @@ pub struct BrokerProc {
     pub addr: SocketAddr,
     child: Child,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The `metrics.listen` port, for a broker started by [`BrokerProc::start_metered`].
+    metrics: Option<u16>,
 }
 
 pub fn bin() -> &'static str {
@@ -57,10 +87,30 @@ impl BrokerProc {
     pub fn start_with(db: &str, plugin_conf: &str, extra_broker: &str) -> BrokerProc {
         let dir = tempfile::tempdir().unwrap();
         write_etc(dir.path(), db, plugin_conf, extra_broker);
-        Self::spawn_in(dir)
+        Self::spawn_in(dir, None)
     }
 
-    fn spawn_in(dir: tempfile::TempDir) -> BrokerProc {
+    /// Like [`start_with`](Self::start_with), with the Prometheus endpoint on a free port:
+    /// [`metric`](Self::metric) reads it (a restart keeps the port).
+    pub fn start_metered(db: &str, plugin_conf: &str, extra_broker: &str) -> BrokerProc {
+        let port = servers::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        write_etc(
+            dir.path(),
+            db,
+            plugin_conf,
+            &format!("{extra_broker}\nmetrics.listen = 127.0.0.1:{port}\n"),
+        );
+        Self::spawn_in(dir, Some(port))
+    }
+
+    /// The value of one series of the broker's metrics (`name{labels}`), 0 while it is absent.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let port = self.metrics.expect("a broker started with start_metered");
+        metric_value(&metrics_text(port).await, series)
+    }
+
+    fn spawn_in(dir: tempfile::TempDir, metrics: Option<u16>) -> BrokerProc {
         let mut child = Command::new(bin())
             .args(["run", "--etc"])
             .arg(dir.path().join("etc"))
@@ -96,17 +146,25 @@ impl BrokerProc {
                 panic!("broker did not start:\n{}", log.lock().unwrap().join("\n"));
             }
         };
-        BrokerProc { dir, addr, child, log }
+        BrokerProc {
+            dir,
+            addr,
+            child,
+            log,
+            metrics,
+        }
     }
 
     /// kill -9 and start again on the same etc/ and data/.
     pub fn restart(mut self) -> BrokerProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = tempfile::TempDir::new().unwrap();
-        let old = std::mem::replace(&mut self.dir, dir);
-        std::mem::forget(self);
-        Self::spawn_in(old)
+        // The directory moves to the new process; `self` drops an empty stand-in (it used to
+        // be forgotten, leaving an empty temporary directory behind per restart).
+        let old = std::mem::replace(&mut self.dir, tempfile::TempDir::new().unwrap());
+        let metrics = self.metrics;
+        drop(self);
+        Self::spawn_in(old, metrics)
     }
 
     pub fn log(&self) -> String {
@@ -154,6 +212,9 @@ pub struct Client {
     pub client: AsyncClient,
     pub rx: mpsc::UnboundedReceiver<rumqttc::Publish>,
     pub session_present: bool,
+    /// SUBACKs received so far, and SUBSCRIBEs sent.
+    subacks: tokio::sync::watch::Receiver<usize>,
+    subscribes: AtomicU32,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -169,6 +230,7 @@ pub async fn connect_with(opts: MqttOptions) -> Client {
     let (client, mut el): (AsyncClient, EventLoop) = AsyncClient::new(opts, 1000);
     let (tx, rx) = mpsc::unbounded_channel();
     let (ctx, crx) = tokio::sync::oneshot::channel();
+    let (suback_tx, subacks) = tokio::sync::watch::channel(0usize);
     let task = tokio::spawn(async move {
         let mut ctx = Some(ctx);
         loop {
@@ -180,6 +242,9 @@ pub async fn connect_with(opts: MqttOptions) -> Client {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let _ = tx.send(p);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    suback_tx.send_modify(|n| *n += 1);
                 }
                 Ok(_) => {}
                 Err(_) => return,
@@ -194,13 +259,29 @@ pub async fn connect_with(opts: MqttOptions) -> Client {
         client,
         rx,
         session_present,
+        subacks,
+        subscribes: AtomicU32::new(0),
         task,
     }
 }
 
 impl Client {
     pub async fn subscribe(&self, filter: &str, qos: QoS) {
+        self.subscribes.fetch_add(1, Ordering::Relaxed);
         self.client.subscribe(filter, qos).await.unwrap();
+    }
+
+    /// Subscribes and waits for the SUBACK (of this and every earlier subscribe): from then on
+    /// the router routes the filter's live traffic to this client, and the broker delivers
+    /// whatever the subscription's reads find in the database before any of it.
+    pub async fn subscribe_acked(&self, filter: &str, qos: QoS) {
+        self.subscribe(filter, qos).await;
+        let want = self.subscribes.load(Ordering::Relaxed) as usize;
+        let mut acks = self.subacks.clone();
+        tokio::time::timeout(Duration::from_secs(10), acks.wait_for(|n| *n >= want))
+            .await
+            .unwrap_or_else(|_| panic!("no SUBACK for {filter} within 10 s"))
+            .expect("client connection alive");
     }
 
     pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
@@ -253,7 +334,6 @@ impl Client {
     }
 }
 
-/// The broker's Prometheus page on `127.0.0.1:port` (`metrics.listen`), status line included.
 /// A raw v3.1.1 connection: CONNECT written by rumqttd's own codec.
 pub async fn raw_connect(
     addr: std::net::SocketAddr,
@@ -261,7 +341,26 @@ pub async fn raw_connect(
     keepalive: u16,
     will: Option<rumqttd::protocol::LastWill>,
 ) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw_handshake(s, id, keepalive, will).await
+}
+
+/// A raw v3.1.1 connection whose socket receives into a tiny buffer (no autotuning): while
+/// the test does not read, the broker can write only that much (plus its own send buffer) to
+/// it, and a larger write of the broker's blocks until the test reads.
+pub async fn raw_connect_small_window(addr: std::net::SocketAddr, id: &str) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let s = sock.connect(addr).await.unwrap();
+    raw_handshake(s, id, 30, None).await
+}
+
+async fn raw_handshake(
+    mut s: tokio::net::TcpStream,
+    id: &str,
+    keepalive: u16,
+    will: Option<rumqttd::protocol::LastWill>,
+) -> tokio::net::TcpStream {
     let mut buf = bytes::BytesMut::new();
     let c = rumqttd::protocol::Connect {
         keep_alive: keepalive,
@@ -300,6 +399,7 @@ pub fn v4_bytes(packets: Vec<rumqttd::protocol::Packet>) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// The broker's Prometheus page on `127.0.0.1:port` (`metrics.listen`), status line included.
 pub async fn metrics_text(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -307,6 +407,14 @@ pub async fn metrics_text(port: u16) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// The value of `series` (`name{labels}`, exactly as rendered) in a metrics page; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{series}: not a number: {v}")))
+        .unwrap_or(0)
 }
 
 /// Poll `f` until it returns Some, or panic after `wait` with `what`.

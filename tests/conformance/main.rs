@@ -53,6 +53,7 @@ macro_rules! conformance {
             scenario!(an_unsubscribe_right_after_the_subscribe_leaves_no_pointer);
             scenario!(hash_filters_match_the_parent_level_in_fetch_and_retained);
             scenario!(integrity::unsubscribe_then_subscribe_keeps_the_new_subscriptions_pointer);
+            scenario!(integrity::a_refused_write_is_never_acked_as_stored);
         }
     };
 }

@@ -15,13 +15,48 @@ async fn state_of<K: Kit>(kit: &K, id: &str, want: i64) {
     .await;
 }
 
-/// A QoS 1 subscription that goes away at once: the database creates its read pointer at the
-/// newest stored message, so what is published afterwards is "offline" for this client.
-async fn first_subscription(addr: std::net::SocketAddr, id: &str, filter: &str, clean: bool) {
+/// A QoS 1 subscription that goes away once its read pointer is stored: the database creates
+/// it at the newest stored message, so what is published afterwards is "offline" for this
+/// client.
+async fn first_subscription<K: Kit>(kit: &K, addr: std::net::SocketAddr, id: &str, filter: &str, clean: bool) {
     let c = connect(addr, id, clean).await;
     c.subscribe(filter, QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(&format!("the read pointer of {id} on {filter}"), WAIT, || async {
+        kit.pointer(id, filter).await
+    })
+    .await;
     c.disconnect().await;
+}
+
+/// Positive evidence that a subscription's reads found nothing stored: the broker delivers
+/// what they find before any live traffic of the subscription, so when a live marker,
+/// published on the subscribed `topic` once the SUBACK is in (`subscribe_acked`), is the first
+/// message to arrive, nothing stored came (and nothing could come later).
+async fn only_the_marker_arrives(sub: &mut Client, publisher: &Client, topic: &str) {
+    publisher.publish(topic, QoS::AtMostOnce, false, "marker").await;
+    let first = sub.next(WAIT).await;
+    assert_eq!(
+        (first.topic.as_str(), &first.payload[..]),
+        (topic, &b"marker"[..]),
+        "a message arrived before the live marker"
+    );
+}
+
+/// `mqtt_persist_rule_<what>_total` of rule `<db>.hook.<hook_n>` (`success`, `failed`,
+/// `matched`): `success` counts writes committed (and reads answered).
+async fn rule_total<K: Kit>(broker: &BrokerProc, what: &str, hook_n: &str) -> u64 {
+    let db = K::DB;
+    broker
+        .metric(&format!("mqtt_persist_rule_{what}_total{{rule=\"{db}.hook.{hook_n}\"}}"))
+        .await
+}
+
+async fn rule_reaches<K: Kit>(broker: &BrokerProc, what: &str, hook_n: &str, n: u64) {
+    eventually(&format!("{what} of rule {hook_n} at {n}"), WAIT, || async {
+        (rule_total::<K>(broker, what, hook_n).await >= n).then_some(())
+    })
+    .await;
+    assert_eq!(rule_total::<K>(broker, what, hook_n).await, n, "{what} of rule {hook_n}");
 }
 
 pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
@@ -29,8 +64,10 @@ pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
     let topic = format!("{}/temp", unique("r"));
     let port = broker.port().to_string();
+    // Named clients: a broker-assigned id would be a key no kit knows to clean up.
+    let (pub_id, sub_id) = (unique("mpub"), unique("msub"));
     let st = std::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-m", "21.5", "-r", "-q", "1"])
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", &pub_id, "-t", &topic, "-m", "21.5", "-r", "-q", "1"])
         .status()
         .expect("mosquitto_pub installed");
     assert!(st.success());
@@ -38,7 +75,7 @@ pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
     let broker = broker.restart();
     let port = broker.port().to_string();
     let out = std::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-t", &topic, "-v", "-W", "2"])
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", &sub_id, "-t", &topic, "-v", "-W", "2"])
         .output()
         .expect("mosquitto_sub installed");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -83,7 +120,7 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
     let base = unique("o");
     let filter = format!("{base}/#");
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &filter, false).await;
+    first_subscription(&kit, broker.addr, &id, &filter, false).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for i in 0..3 {
         p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, format!("m{i}")).await;
@@ -95,9 +132,10 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
     .await;
     p.disconnect().await;
     // The broker restarts: only the database remembers.
+    let newest = *kit.msgids(&topic).await.last().unwrap();
     let broker = broker.restart();
     let mut other = connect(broker.addr, &unique("other"), true).await;
-    other.subscribe(&filter, QoS::AtLeastOnce).await;
+    other.subscribe_acked(&filter, QoS::AtLeastOnce).await;
     let mut a = connect(broker.addr, &id, false).await;
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     let got = a.expect(3, WAIT).await;
@@ -105,14 +143,23 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
         got.iter().map(|p| p.payload.to_vec()).collect::<Vec<_>>(),
         vec![b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()]
     );
-    other.expect_none(Duration::from_millis(800)).await;
+    // Acked: the pointer is at the newest message (checked before the marker below, which
+    // reaches this client too and, delivered at its subscription's QoS 1, is acked as well).
+    eventually("the acks stored", WAIT, || async {
+        (kit.pointer(&id, &filter).await == Some(newest)).then_some(())
+    })
+    .await;
+    // The other client's first subscription found nothing: the marker comes first.
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let marker = format!("{base}/marker");
+    only_the_marker_arrives(&mut other, &p, &marker).await;
+    // A reconnect after another restart gets nothing again.
     a.disconnect().await;
-    // Acked: a reconnect after another restart gets nothing again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let broker = broker.restart();
+    let p = connect(broker.addr, &unique("pub"), true).await;
     let mut a = connect(broker.addr, &id, false).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    a.expect_none(Duration::from_secs(1)).await;
+    a.subscribe_acked(&filter, QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut a, &p, &marker).await;
 }
 
 pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
@@ -121,7 +168,7 @@ pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
     let base = unique("ps");
     let filter = format!("{base}/+");
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &filter, false).await;
+    first_subscription(&kit, broker.addr, &id, &filter, false).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for i in 0..4 {
         p.publish(&format!("{base}/t"), QoS::AtLeastOnce, false, format!("q{i}")).await;
@@ -139,26 +186,91 @@ pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
     );
 }
 
+/// Takeover: the old connection's disconnect, written after the new connection's connect,
+/// must not mark the client offline (the `online_at = connected_at` guard). The old
+/// connection's close is held until then: its socket takes a message larger than the kernel
+/// can buffer, and the test does not read it, so the broker's session of the old connection is
+/// stuck writing and notices the takeover only when the test drains the socket.
 pub async fn client_state_follows_connects_and_takeovers<K: Kit>() {
+    use tokio::io::AsyncReadExt;
     let kit = K::new().await;
-    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let big = 2 * kernel_send_buffer_max() + (1 << 20);
+    let broker = BrokerProc::start_metered(K::DB, &kit.plugin_conf(), &format!("mqtt.max_packet_size = {}", big + 1024));
     let id = unique("st");
     let c = connect(broker.addr, &id, true).await;
     state_of(&kit, &id, 1).await;
     c.disconnect().await;
     state_of(&kit, &id, 0).await;
-    // Takeover: the old connection's late disconnect must not mark the new one offline.
-    for _ in 0..5 {
-        let first = connect(broker.addr, &id, true).await;
-        let second = connect(broker.addr, &id, true).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        state_of(&kit, &id, 1).await;
-        first.abort();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(kit.client_state(&id).await, Some(1), "takeover left the client offline");
-        second.disconnect().await;
-        state_of(&kit, &id, 0).await;
-    }
+    let topic = format!("{}/big", unique("st"));
+    let mut o = rumqttc::MqttOptions::new(unique("pub"), "127.0.0.1", broker.port());
+    o.set_max_packet_size(2 * big, 2 * big);
+    let p = connect_with(o).await;
+    let mut old = raw_connect_small_window(broker.addr, &id).await;
+    subscribe_raw(&mut old, &topic).await;
+    // Connects written so far: the first connection's, the publisher's, the old one's.
+    rule_reaches::<K>(&broker, "success", "client.connected.1", 3).await;
+    p.publish(&topic, QoS::AtMostOnce, false, vec![b'x'; big]).await;
+    // Its first bytes arrive: the broker is inside the write of a message the socket cannot
+    // take whole, and stays there until the test reads.
+    tokio::time::timeout(WAIT, old.peek(&mut [0u8; 1]))
+        .await
+        .expect("the big message reaches the old connection")
+        .unwrap();
+    let second = connect(broker.addr, &id, true).await;
+    rule_reaches::<K>(&broker, "success", "client.connected.1", 4).await;
+    assert_eq!(
+        rule_total::<K>(&broker, "matched", "client.disconnected.1").await,
+        1,
+        "the old connection's disconnect came before the new connect was written: the test proves nothing"
+    );
+    // Drain: the old session finishes its write, sees the router dropped its link, closes.
+    let mut sink = vec![0u8; 1 << 20];
+    let read = tokio::time::timeout(WAIT, async {
+        let mut n = 0usize;
+        loop {
+            match old.read(&mut sink).await {
+                Ok(0) | Err(_) => return n,
+                Ok(k) => n += k,
+            }
+        }
+    })
+    .await
+    .expect("the broker closes the taken-over connection");
+    assert!(read >= big, "the old connection got {read} of {big} bytes");
+    rule_reaches::<K>(&broker, "success", "client.disconnected.1", 2).await;
+    assert_eq!(
+        kit.client_state(&id).await,
+        Some(1),
+        "the late disconnect of the taken-over connection left the client offline"
+    );
+    second.disconnect().await;
+    state_of(&kit, &id, 0).await;
+}
+
+/// The most a socket's send buffer grows to (`tcp_wmem`'s maximum).
+fn kernel_send_buffer_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .unwrap_or(4 << 20)
+}
+
+/// A raw SUBSCRIBE (QoS 1) and its SUBACK.
+async fn subscribe_raw(s: &mut tokio::net::TcpStream, filter: &str) {
+    use rumqttd::protocol::{Packet, Subscribe};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&v4_bytes(vec![Packet::Subscribe(
+        Subscribe {
+            pkid: 1,
+            filters: vec![v4_filter(filter)],
+        },
+        None,
+    )]))
+    .await
+    .unwrap();
+    let mut ack = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await.unwrap().unwrap();
+    assert_eq!(ack, [0x90, 3, 0, 1, 1], "SUBACK granting QoS 1");
 }
 
 pub async fn custom_statements_store_hostile_input_verbatim<K: Kit>() {
@@ -202,7 +314,7 @@ pub async fn binary_payloads_round_trip_through_offline_fetch<K: Kit>() {
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
     let base = unique("bin");
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &format!("{base}/#"), false).await;
+    first_subscription(&kit, broker.addr, &id, &format!("{base}/#"), false).await;
     let payload: Vec<u8> = (0..=255u8).chain([0xc3, 0x28, 0xa0, 0xa1]).collect();
     let p = connect(broker.addr, &unique("pub"), true).await;
     p.publish(&format!("{base}/b"), QoS::AtLeastOnce, false, payload.clone()).await;
@@ -221,15 +333,15 @@ pub async fn wildcard_fetch_delivers_only_matching_topics<K: Kit>() {
     let base = unique("wc");
     let id = unique("dev");
     let filter = format!("{base}/+/temp");
-    first_subscription(broker.addr, &id, &filter, false).await;
+    first_subscription(&kit, broker.addr, &id, &filter, false).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for t in ["k1/temp", "k2/temp", "k1/hum", "k1/temp/x"] {
         p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, false, t.as_bytes().to_vec())
             .await;
     }
-    let t = format!("{base}/k1/hum");
+    // One writer, in publish order: the last one stored means all are.
+    let t = format!("{base}/k1/temp/x");
     eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let broker = broker.restart();
     let mut a = connect(broker.addr, &id, false).await;
     a.subscribe(&filter, QoS::AtLeastOnce).await;
@@ -288,32 +400,32 @@ pub async fn queue_messages_are_deleted_by_the_first_ack<K: Kit>() {
     })
     .await;
     let mut w2 = connect(broker.addr, &unique("worker"), true).await;
-    w2.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
-    w2.expect_none(Duration::from_millis(800)).await;
+    w2.subscribe_acked(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut w2, &p, &format!("{base}/marker")).await;
 }
 
 pub async fn keep_latest_delivers_only_the_newest_message_per_topic<K: Kit>() {
     let kit = K::new().await;
-    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let broker = BrokerProc::start_metered(K::DB, &kit.plugin_conf(), "");
     let base = unique("latest/");
     let p = connect(broker.addr, &unique("pub"), true).await;
     for i in 0..3 {
         p.publish(&format!("{base}/a"), QoS::AtLeastOnce, false, format!("a{i}")).await;
     }
     p.publish(&format!("{base}/b"), QoS::AtLeastOnce, false, "b0").await;
-    let t = format!("{base}/b");
-    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // message.publish.4 is on_message_store_keep_latest: all four stores committed.
+    rule_reaches::<K>(&broker, "success", "message.publish.4", 4).await;
     let mut s = connect(broker.addr, &unique("s"), true).await;
     s.subscribe(&format!("{base}/+"), QoS::AtLeastOnce).await;
     let mut got: Vec<Vec<u8>> = s.expect(2, WAIT).await.iter().map(|m| m.payload.to_vec()).collect();
     got.sort();
     assert_eq!(got, vec![b"a2".to_vec(), b"b0".to_vec()]);
-    // The first ack deletes the latest message: the next subscriber gets none.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first ack deletes the latest message (message.acked.3, on_message_acked_for_keep_latest,
+    // committed for both): the next subscriber gets none.
+    rule_reaches::<K>(&broker, "success", "message.acked.3", 2).await;
     let mut s2 = connect(broker.addr, &unique("s"), true).await;
-    s2.subscribe(&format!("{base}/+"), QoS::AtLeastOnce).await;
-    s2.expect_none(Duration::from_millis(800)).await;
+    s2.subscribe_acked(&format!("{base}/+"), QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut s2, &p, &format!("{base}/marker")).await;
 }
 
 /// SPEC §3.1.3: the newest `max_returned_count` messages, oldest first, at min(stored QoS,
@@ -332,7 +444,7 @@ pub async fn offline_fetch_returns_the_newest_n_at_the_lower_qos<K: Kit>() {
     let (a_id, c_id) = (unique("dev"), unique("dev0"));
     // First subscriptions: pointers start at the newest stored message.
     for id in [&a_id, &c_id] {
-        first_subscription(broker.addr, id, &filter, true).await;
+        first_subscription(&kit, broker.addr, id, &filter, true).await;
     }
     let p = connect(broker.addr, &unique("pub"), true).await;
     let topic = format!("{base}/x");
@@ -356,8 +468,9 @@ pub async fn offline_fetch_returns_the_newest_n_at_the_lower_qos<K: Kit>() {
     );
     assert_eq!(got[1].qos, QoS::AtLeastOnce, "stored at QoS 2, subscribed at QoS 1");
     let mut c = connect(broker.addr, &c_id, true).await;
-    c.subscribe(&filter, QoS::AtMostOnce).await;
-    c.expect_none(Duration::from_secs(1)).await;
+    c.subscribe_acked(&filter, QoS::AtMostOnce).await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    only_the_marker_arrives(&mut c, &p, &format!("{base}/marker")).await;
 }
 
 /// SPEC §3.1.5: unsubscribing deletes the read pointer, so the next subscription is a first
@@ -369,7 +482,7 @@ pub async fn unsubscribe_deletes_the_pointer<K: Kit>() {
     let filter = format!("{base}/#");
     let topic = format!("{base}/x");
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &filter, true).await;
+    first_subscription(&kit, broker.addr, &id, &filter, true).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     p.publish(&topic, QoS::AtLeastOnce, false, "kept").await;
     eventually("stored", WAIT, || async { (kit.stored_count(&topic).await == 1).then_some(()) }).await;
@@ -377,16 +490,20 @@ pub async fn unsubscribe_deletes_the_pointer<K: Kit>() {
     let mut a = connect(broker.addr, &id, true).await;
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     assert_eq!(a.expect(1, WAIT).await[0].payload.to_vec(), b"kept".to_vec());
+    assert!(kit.pointer(&id, &filter).await.is_some(), "a pointer to delete");
     a.client.unsubscribe(&filter).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the pointer deleted", WAIT, || async {
+        kit.pointer(&id, &filter).await.is_none().then_some(())
+    })
+    .await;
     a.disconnect().await;
     for m in ["m1", "m2"] {
         p.publish(&topic, QoS::AtLeastOnce, false, m).await;
     }
     eventually("3 stored", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
     let mut a = connect(broker.addr, &id, true).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    a.expect_none(Duration::from_secs(1)).await;
+    a.subscribe_acked(&filter, QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut a, &p, &format!("{base}/marker")).await;
 }
 
 /// SPEC §3.1.3: a filter starting with a wildcard does not fetch `$`-topics (MQTT 4.7.2).
@@ -402,7 +519,7 @@ pub async fn leading_wildcards_do_not_fetch_dollar_topics<K: Kit>() {
     let u = unique("d");
     let filter = format!("+/{u}");
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &filter, true).await;
+    first_subscription(&kit, broker.addr, &id, &filter, true).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     let (hidden, shown) = (format!("$sys/{u}"), format!("n/{u}"));
     p.publish(&hidden, QoS::AtLeastOnce, false, "hidden").await;
@@ -433,11 +550,11 @@ pub async fn retained_lookup_returns_every_topic_at_any_qos<K: Kit>() {
     for i in 0..n {
         p.publish(&format!("{base}/{i}"), QoS::AtLeastOnce, true, format!("v{i}")).await;
     }
+    // One writer, in publish order: the last row stored means all are.
     for i in [0, n / 2, n - 1] {
         let topic = format!("{base}/{i}");
         eventually("retained rows", WAIT, || async { kit.retained(&topic).await }).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let mut s = connect(broker.addr, &unique("sub"), true).await;
         s.subscribe(&format!("{base}/+"), qos).await;
@@ -477,50 +594,80 @@ pub async fn first_subscribe_time_range_delivers_recent_messages<K: Kit>() {
 /// SPEC §3 `on_message_acked`: acks arriving out of order never move the pointer back.
 pub async fn out_of_order_acks_never_move_the_pointer_back<K: Kit>() {
     let kit = K::new().await;
-    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let broker = BrokerProc::start_metered(K::DB, &kit.plugin_conf(), "");
     let base = unique("ack");
     let filter = format!("{base}/#");
     let topic = format!("{base}/x");
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &filter, true).await;
+    first_subscription(&kit, broker.addr, &id, &filter, true).await;
     let p = connect(broker.addr, &unique("pub"), true).await;
     for m in ["m0", "m1", "m2"] {
         p.publish(&topic, QoS::AtLeastOnce, false, m).await;
     }
     eventually("3 stored", WAIT, || async { (kit.stored_count(&topic).await == 3).then_some(()) }).await;
+    let newest = *kit.msgids(&topic).await.last().unwrap();
     let broker = broker.restart();
     let mut o = rumqttc::MqttOptions::new(id.clone(), "127.0.0.1", broker.port());
     o.set_manual_acks(true);
     let mut a = connect_with(o).await;
     a.subscribe(&filter, QoS::AtLeastOnce).await;
     let got = a.expect(3, WAIT).await;
-    // The newest first, then the older ones.
+    // The newest first, then the older ones; all three pointer writes commit.
     for i in [2, 0, 1] {
         a.client.ack(&got[i]).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    rule_reaches::<K>(&broker, "success", "message.acked.1", 3).await;
+    assert_eq!(kit.pointer(&id, &filter).await, Some(newest), "an older ack moved the pointer back");
     a.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let broker = broker.restart();
+    let p = connect(broker.addr, &unique("pub"), true).await;
     let mut a = connect(broker.addr, &id, true).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    a.expect_none(Duration::from_secs(1)).await;
+    a.subscribe_acked(&filter, QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut a, &p, &format!("{base}/marker")).await;
 }
 
-/// SPEC §3.3: `backend.<db>.message_ttl` removes older stored messages, off the hot path.
+/// SPEC §3.3: `backend.<db>.message_ttl` removes older stored messages, off the hot path,
+/// and only those: a message stored half a TTL later outlives the cleanup that removes the
+/// old one.
 pub async fn stored_messages_older_than_message_ttl_are_deleted<K: Kit>() {
     let kit = K::alone().await;
     let db = K::DB;
-    let conf = format!("{}backend.{db}.message_ttl = 2s\n", kit.plugin_conf());
+    // The cleanup runs every TTL / 4: the old message goes 6 to 7.5 s after it came, the
+    // fresh one (3 s younger) not before 9 s.
+    let ttl = Duration::from_secs(6);
+    let conf = format!("{}backend.{db}.message_ttl = {}s\n", kit.plugin_conf(), ttl.as_secs());
     let broker = BrokerProc::start(K::DB, &conf);
     let p = connect(broker.addr, &unique("pub"), true).await;
     let t = format!("{}/ttl", unique("ttl"));
     p.publish(&t, QoS::AtLeastOnce, false, "old").await;
-    eventually("stored", WAIT, || async { (kit.stored_count(&t).await == 1).then_some(()) }).await;
-    eventually("deleted after the TTL", WAIT, || async {
-        (kit.stored_count(&t).await == 0).then_some(())
+    let old = eventually("stored", WAIT, || async {
+        let ids = kit.msgids(&t).await;
+        (ids.len() == 1).then(|| ids[0])
     })
     .await;
+    let aged = std::time::Instant::now();
+    tokio::time::sleep(ttl / 2).await;
+    p.publish(&t, QoS::AtLeastOnce, false, "fresh").await;
+    let ids = eventually("the fresh message stored", WAIT, || async {
+        let ids = kit.msgids(&t).await;
+        (ids.len() >= 2 || !ids.contains(&old)).then_some(ids)
+    })
+    .await;
+    assert!(
+        ids.len() == 2 && ids[0] == old,
+        "the old message was still to be deleted when the fresh one was stored: {ids:?}"
+    );
+    let fresh = ids[1];
+    eventually("the old message deleted after the TTL", WAIT, || async {
+        (!kit.msgids(&t).await.contains(&old)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        kit.msgids(&t).await,
+        vec![fresh],
+        "the cleanup that deleted the old message deleted the fresh one too ({:?} after the old one)",
+        aged.elapsed()
+    );
 }
 
 /// SPEC §2 [beyond]: `${username}`, `${peerhost}` and `${node}` bind in custom actions; and
@@ -633,7 +780,7 @@ pub async fn an_unsubscribe_right_after_the_subscribe_leaves_no_pointer<K: Kit>(
     use rumqttd::protocol::{Packet, Subscribe, Unsubscribe};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let kit = K::new().await;
-    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let broker = BrokerProc::start_metered(K::DB, &kit.plugin_conf(), "");
     let base = unique("su");
     let filter = format!("{base}/#");
     let topic = format!("{base}/x");
@@ -663,13 +810,21 @@ pub async fn an_unsubscribe_right_after_the_subscribe_leaves_no_pointer<K: Kit>(
     // SUBACK (5 bytes) and UNSUBACK (4 bytes) come back; then leave.
     let mut acks = [0u8; 9];
     tokio::time::timeout(WAIT, s.read_exact(&mut acks)).await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both done: the fetch that creates the pointer (session.subscribed.1) and the pointer
+    // delete (session.unsubscribed.1, on_acked_delete). The delete came last: no pointer.
+    rule_reaches::<K>(&broker, "success", "session.subscribed.1", 1).await;
+    rule_reaches::<K>(&broker, "success", "session.unsubscribed.1", 1).await;
+    assert_eq!(
+        kit.pointer(&id, &filter).await,
+        None,
+        "the subscribe's pointer outlived the unsubscribe"
+    );
     drop(s);
     p.publish(&topic, QoS::AtLeastOnce, false, "while away").await;
     eventually("2 stored", WAIT, || async { (kit.stored_count(&topic).await == 2).then_some(()) }).await;
     let mut a = connect(broker.addr, &id, true).await;
-    a.subscribe(&filter, QoS::AtLeastOnce).await;
-    a.expect_none(Duration::from_secs(1)).await;
+    a.subscribe_acked(&filter, QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut a, &p, &format!("{base}/marker")).await;
 }
 
 /// MQTT 4.7.1.2: `x/#` also matches `x`. Offline fetch and the retained lookup both find the
@@ -688,7 +843,7 @@ pub async fn hash_filters_match_the_parent_level_in_fetch_and_retained<K: Kit>()
         eventually("retained rows", WAIT, || async { kit.retained(t).await }).await;
     }
     let id = unique("dev");
-    first_subscription(broker.addr, &id, &filter, false).await;
+    first_subscription(&kit, broker.addr, &id, &filter, false).await;
     for t in [&base, &child, &sibling] {
         p.publish(t, QoS::AtLeastOnce, false, format!("o:{t}")).await;
     }
