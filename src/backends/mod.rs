@@ -138,6 +138,15 @@ pub struct FetchRequest {
     pub now: i64,
 }
 
+impl FetchRequest {
+    /// The oldest `arrived` a `time_range` lets through (`i64::MIN`: no bound).
+    pub fn since(&self) -> i64 {
+        self.opts
+            .time_range
+            .map_or(i64::MIN, |d| self.now.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64))
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct BackendError {
@@ -193,10 +202,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Apply ops in order. On error the batch may be partly applied; the queue retries it from
     /// `BackendError::applied` on (builtin ops are idempotent; custom ones at least once).
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>>;
-    /// Stored messages for a new subscription (SPEC §3.1), oldest first.
-    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;
-    /// Retained messages whose topic matches `filter` (SPEC §3.2).
-    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;
+    /// Stored messages for a new subscription (SPEC §3.1), a page at a time, oldest first.
+    ///
+    /// Without a cursor the fetch *opens*: a first subscription's pointer is created, and where
+    /// the newest N start and the newest msgid delivered are fixed. Opening returns no
+    /// messages, only the first page's cursor: it runs before the SUBACK (an unsubscribe must
+    /// not overtake the pointer it creates), while pages follow the client's acks.
+    fn fetch<'a>(&'a self, req: &'a FetchRequest, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>>;
+    /// Retained messages whose topic matches `filter` (SPEC §3.2), paged like [`fetch`](Self::fetch).
+    fn retained<'a>(&'a self, filter: &'a str, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>>;
     /// The client's stored subscriptions `(filter, qos)`.
     fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>>;
     /// Remove stored messages that arrived before `before_ms`; returns how many.
@@ -244,13 +258,406 @@ pub fn validate(pool: &PoolConf) -> Result<(), crate::config::ConfError> {
     }
 }
 
-/// Keeps the newest `max` of `msgs` (which are oldest first).
-pub fn keep_newest(mut msgs: Vec<StoredMessage>, max: Option<u32>) -> Vec<StoredMessage> {
-    if let Some(max) = max {
-        let max = max as usize;
-        if msgs.len() > max {
-            msgs.drain(..msgs.len() - max);
+// ---------------------------------------------------------------------------------------------
+// Paged reads. A fetch or retained lookup delivers its stored messages a page at a time, so a
+// subscriber of `#` over millions of stored messages costs one page of memory, not all of them.
+// The paging logic lives here once; a database answers four small questions ([`Source`]).
+
+/// Messages per page of a fetch or retained lookup.
+pub const PAGE: usize = 256;
+
+/// SQL scans read this many rows per match wanted: the topic prefix only narrows and matching
+/// is exact in Rust, so a page usually fills (a short one just means the next goes on).
+pub(crate) const SCAN_ROWS_PER_MATCH: usize = 4;
+
+/// Where a paged read goes on, made by the backend when the read opens and handed back for
+/// each page. Opaque to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Every msgid up to this one was scanned (the next page starts above it).
+    pub(crate) after: u64,
+    /// The newest msgid the read delivers, fixed when it opened: what is stored later arrives
+    /// live, never also from storage.
+    pub(crate) upto: u64,
+    /// Reads that walk a topic index instead (Redis retained and keep-latest): the last topic
+    /// scanned, `None` at the start.
+    pub(crate) topic: Option<String>,
+}
+
+/// One page of a paged read: at most [`PAGE`] messages, oldest first (a Redis retained page in
+/// topic order), and where the next page starts (`None`: this was the last). A page may be
+/// empty and still have a next one.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub msgs: Vec<StoredMessage>,
+    pub next: Option<Cursor>,
+}
+
+/// The tables a read pages through by msgid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Table {
+    Msg,
+    Latest,
+    Retain,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Msg => "mqtt_msg",
+            Table::Latest => "mqtt_latest",
+            Table::Retain => "mqtt_retain",
         }
     }
-    msgs
+}
+
+/// The rows a scan covers: `after < msgid <= upto` and `arrived >= since`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub after: u64,
+    pub upto: u64,
+    pub since: i64,
+}
+
+impl Span {
+    pub const ALL: Span = Span {
+        after: 0,
+        upto: u64::MAX,
+        since: i64::MIN,
+    };
+}
+
+/// What one bounded scan found.
+#[derive(Debug, Default)]
+pub(crate) struct Scanned {
+    /// `(msgid, topic)` in scan order: candidates, which may include topics the filter does
+    /// not match (SQL narrows by the topic prefix only).
+    pub rows: Vec<(u64, String)>,
+    /// The last msgid the scan went through, when the span may hold more beyond it; `None`
+    /// when the span is exhausted.
+    pub reached: Option<u64>,
+}
+
+/// What a database answers for a paged read; [`fetch_page`] and [`retained_page`] do the rest,
+/// the same for every database. Each call is one bounded query, holding no connection after it.
+pub(crate) trait Source: Send + Sync {
+    /// The client's read pointer for `filter`.
+    fn pointer<'a>(&'a self, clientid: &'a str, filter: &'a str) -> BoxFuture<'a, BResult<Option<u64>>>;
+    /// Creates the pointer at `msgid` unless it exists.
+    fn create_pointer<'a>(&'a self, clientid: &'a str, filter: &'a str, msgid: u64) -> BoxFuture<'a, BResult<()>>;
+    /// Candidate rows for `filter` in `span`, newest first if `desc`: enough for `want` matches
+    /// when the table holds them (ids only, no payloads).
+    fn scan<'a>(&'a self, table: Table, filter: &'a str, span: Span, desc: bool, want: usize) -> BoxFuture<'a, BResult<Scanned>>;
+    /// The messages of rows `scan` returned, in any order; rows gone since are left out.
+    fn load<'a>(&'a self, table: Table, rows: &'a [(u64, String)]) -> BoxFuture<'a, BResult<Vec<StoredMessage>>>;
+}
+
+/// [`Backend::fetch`] over a [`Source`].
+pub(crate) async fn fetch_page<S: Source + ?Sized>(src: &S, req: &FetchRequest, cursor: Option<&Cursor>) -> BResult<Page> {
+    let table = match req.kind {
+        FetchKind::KeepLatest => Table::Latest,
+        FetchKind::Pointer | FetchKind::Queue => Table::Msg,
+    };
+    let since = req.since();
+    match cursor {
+        None => Ok(Page {
+            msgs: Vec::new(),
+            next: open_fetch(src, req, table, since).await?,
+        }),
+        Some(c) => {
+            let span = Span {
+                after: c.after,
+                upto: c.upto,
+                since,
+            };
+            page(src, table, &req.filter, span).await
+        }
+    }
+}
+
+/// [`Backend::retained`] over a [`Source`]: every matching row, by msgid, up to the newest one
+/// when the lookup opened (a topic updated meanwhile arrives live).
+pub(crate) async fn retained_page<S: Source + ?Sized>(src: &S, filter: &str, cursor: Option<&Cursor>) -> BResult<Page> {
+    match cursor {
+        None => {
+            let (newest, _) = nth_newest(src, Table::Retain, filter, Span::ALL, 1).await?;
+            Ok(Page {
+                msgs: Vec::new(),
+                next: newest.map(|upto| Cursor {
+                    after: 0,
+                    upto,
+                    topic: None,
+                }),
+            })
+        }
+        Some(c) => {
+            let span = Span {
+                after: c.after,
+                upto: c.upto,
+                since: i64::MIN,
+            };
+            page(src, Table::Retain, filter, span).await
+        }
+    }
+}
+
+/// Opens a fetch (SPEC §3.1): the span its pages cover, `None` when there is nothing to deliver.
+async fn open_fetch<S: Source + ?Sized>(src: &S, req: &FetchRequest, table: Table, since: i64) -> BResult<Option<Cursor>> {
+    let filter = &*req.filter;
+    let mut after = 0;
+    if req.kind == FetchKind::Pointer {
+        match src.pointer(&req.clientid, filter).await? {
+            Some(p) => after = p,
+            None => {
+                // First subscription: the pointer starts at the newest stored message (EMQX).
+                let (newest, _) = nth_newest(src, table, filter, Span::ALL, 1).await?;
+                src.create_pointer(&req.clientid, filter, newest.unwrap_or(0)).await?;
+                if !(req.opts.first_subscribe_time_range && req.opts.time_range.is_some()) {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    let span = Span {
+        after,
+        upto: u64::MAX,
+        since,
+    };
+    let cap = req.opts.max_returned_count.map(|n| n as usize);
+    let (newest, nth) = nth_newest(src, table, filter, span, cap.unwrap_or(1)).await?;
+    let Some(upto) = newest else { return Ok(None) };
+    // The newest N: pages start right below the Nth newest (all of them when fewer match).
+    if let (Some(_), Some(nth)) = (cap, nth) {
+        after = after.max(nth - 1);
+    }
+    Ok(Some(Cursor { after, upto, topic: None }))
+}
+
+/// The newest msgid matching `filter` in `span`, and the `n`th newest (`None` when fewer
+/// match): an id-only scan, newest first, that stops at the `n`th.
+async fn nth_newest<S: Source + ?Sized>(
+    src: &S,
+    table: Table,
+    filter: &str,
+    mut span: Span,
+    n: usize,
+) -> BResult<(Option<u64>, Option<u64>)> {
+    let n = n.max(1);
+    let (mut newest, mut seen) = (None, 0usize);
+    loop {
+        let scanned = src.scan(table, filter, span, true, (n - seen).min(PAGE)).await?;
+        for (id, t) in &scanned.rows {
+            if crate::topic::matches(t, filter) {
+                newest.get_or_insert(*id);
+                seen += 1;
+                if seen == n {
+                    return Ok((newest, Some(*id)));
+                }
+            }
+        }
+        match scanned.reached {
+            Some(id) if id > span.after.saturating_add(1) => span.upto = id - 1,
+            _ => return Ok((newest, None)),
+        }
+    }
+}
+
+/// One page: a scan ascending from the cursor, exact matching here, at most [`PAGE`] messages
+/// loaded. The next page starts after the last row scanned, matching or not.
+async fn page<S: Source + ?Sized>(src: &S, table: Table, filter: &str, span: Span) -> BResult<Page> {
+    if span.after >= span.upto {
+        return Ok(Page::default());
+    }
+    let scanned = src.scan(table, filter, span, false, PAGE).await?;
+    let mut reached = scanned.reached;
+    let mut rows = scanned.rows;
+    rows.retain(|(_, t)| crate::topic::matches(t, filter));
+    if rows.len() > PAGE {
+        rows.truncate(PAGE);
+        reached = rows.last().map(|(id, _)| *id);
+    }
+    let mut msgs = if rows.is_empty() {
+        Vec::new()
+    } else {
+        src.load(table, &rows).await?
+    };
+    // The scan's bounds may be approximate (Redis narrows by the id's time); these are exact.
+    msgs.retain(|m| m.msgid > span.after && m.msgid <= span.upto && m.arrived >= span.since && crate::topic::matches(&m.topic, filter));
+    msgs.sort_by_key(|m| m.msgid);
+    let next = reached.filter(|&r| r < span.upto).map(|after| Cursor {
+        after,
+        upto: span.upto,
+        topic: None,
+    });
+    Ok(Page { msgs, next })
+}
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// An in-memory table: the SQL backends' contract (a prefix-narrowed superset, LIMIT rows).
+    #[derive(Default)]
+    struct Mem {
+        rows: Vec<StoredMessage>,
+        pointer: Mutex<Option<u64>>,
+        scans: Mutex<usize>,
+        loaded: Mutex<usize>,
+    }
+
+    impl Source for Mem {
+        fn pointer<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, BResult<Option<u64>>> {
+            Box::pin(async move { Ok(*self.pointer.lock()) })
+        }
+        fn create_pointer<'a>(&'a self, _: &'a str, _: &'a str, msgid: u64) -> BoxFuture<'a, BResult<()>> {
+            Box::pin(async move {
+                self.pointer.lock().get_or_insert(msgid);
+                Ok(())
+            })
+        }
+        fn scan<'a>(&'a self, _: Table, _: &'a str, span: Span, desc: bool, want: usize) -> BoxFuture<'a, BResult<Scanned>> {
+            Box::pin(async move {
+                *self.scans.lock() += 1;
+                let limit = want * 2;
+                let mut rows: Vec<(u64, String)> = self
+                    .rows
+                    .iter()
+                    .filter(|m| m.msgid > span.after && m.msgid <= span.upto && m.arrived >= span.since)
+                    .map(|m| (m.msgid, m.topic.clone()))
+                    .collect();
+                rows.sort();
+                if desc {
+                    rows.reverse();
+                }
+                rows.truncate(limit);
+                let reached = (rows.len() == limit).then(|| rows.last().map(|r| r.0)).flatten();
+                Ok(Scanned { rows, reached })
+            })
+        }
+        fn load<'a>(&'a self, _: Table, rows: &'a [(u64, String)]) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+            Box::pin(async move {
+                *self.loaded.lock() += rows.len();
+                Ok(self.rows.iter().filter(|m| rows.iter().any(|r| r.0 == m.msgid)).cloned().collect())
+            })
+        }
+    }
+
+    fn msg(msgid: u64, topic: &str, arrived: i64) -> StoredMessage {
+        StoredMessage {
+            msgid,
+            sender: "s".into(),
+            topic: topic.into(),
+            payload: Bytes::new(),
+            qos: 1,
+            retain: false,
+            arrived,
+        }
+    }
+
+    fn req(max: Option<u32>, time_range: Option<Duration>) -> FetchRequest {
+        FetchRequest {
+            clientid: "c".into(),
+            filter: "a/#".into(),
+            kind: FetchKind::Pointer,
+            opts: OfflineOpts {
+                max_returned_count: max,
+                time_range,
+                first_subscribe_time_range: false,
+            },
+            now: 10_000,
+        }
+    }
+
+    async fn all(src: &Mem, req: &FetchRequest) -> (Vec<u64>, usize) {
+        let mut cur = fetch_page(src, req, None).await.unwrap().next;
+        let (mut ids, mut pages) = (Vec::new(), 0);
+        while let Some(c) = cur {
+            let p = fetch_page(src, req, Some(&c)).await.unwrap();
+            assert!(p.msgs.len() <= PAGE);
+            ids.extend(p.msgs.iter().map(|m| m.msgid));
+            cur = p.next;
+            pages += 1;
+        }
+        (ids, pages)
+    }
+
+    /// 2000 rows, every third on a sibling topic the prefix scan also returns.
+    fn mem(pointer: Option<u64>) -> Mem {
+        let rows = (1..=2000u64)
+            .map(|i| msg(i, if i % 3 == 0 { "ab/x" } else { "a/x" }, i as i64 * 10))
+            .collect();
+        Mem {
+            rows,
+            pointer: Mutex::new(pointer),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_deliver_everything_after_the_pointer_once_in_order() {
+        let src = mem(Some(100));
+        let (ids, pages) = all(&src, &req(None, None)).await;
+        let want: Vec<u64> = (101..=2000).filter(|i| i % 3 != 0).collect();
+        assert_eq!(ids, want);
+        assert!(pages > want.len() / PAGE, "paged: {pages}");
+        assert_eq!(*src.loaded.lock(), want.len(), "only matching rows are loaded");
+    }
+
+    #[tokio::test]
+    async fn the_newest_n_come_oldest_first_and_only_they_are_loaded() {
+        let src = mem(Some(0));
+        let (ids, _) = all(&src, &req(Some(10), None)).await;
+        let all: Vec<u64> = (1..=2000).filter(|i| i % 3 != 0).collect();
+        let want = all[all.len() - 10..].to_vec();
+        assert_eq!(ids, want);
+        assert_eq!(*src.loaded.lock(), 10);
+    }
+
+    #[tokio::test]
+    async fn time_range_and_the_cap_combine() {
+        // now = 10 000, 5 s back: arrived >= 5000, i.e. msgid >= 500.
+        let src = mem(Some(0));
+        let range = Some(Duration::from_secs(5));
+        let (ids, _) = all(&src, &req(Some(5000), range)).await;
+        let want: Vec<u64> = (500..=2000).filter(|i| i % 3 != 0).collect();
+        assert_eq!(ids, want, "fewer than the cap: everything in the time range");
+        let (ids, _) = all(&src, &req(Some(1000), range)).await;
+        assert_eq!(ids, want[1..], "the newest 1000 of them");
+    }
+
+    #[tokio::test]
+    async fn a_first_subscription_creates_the_pointer_and_delivers_nothing() {
+        let src = mem(None);
+        let (ids, pages) = all(&src, &req(None, None)).await;
+        assert!(ids.is_empty() && pages == 0);
+        assert_eq!(*src.pointer.lock(), Some(2000), "the newest matching msgid");
+    }
+
+    #[tokio::test]
+    async fn messages_stored_after_the_read_opened_are_not_paged() {
+        let mut src = mem(Some(1990));
+        let r = req(None, None);
+        let c = fetch_page(&src, &r, None).await.unwrap().next.unwrap();
+        src.rows.push(msg(2001, "a/x", 20_010));
+        let p = fetch_page(&src, &r, Some(&c)).await.unwrap();
+        assert_eq!(
+            p.msgs.iter().map(|m| m.msgid).collect::<Vec<_>>(),
+            vec![1991, 1993, 1994, 1996, 1997, 1999, 2000]
+        );
+        assert!(p.next.is_none());
+    }
+
+    #[tokio::test]
+    async fn retained_pages_cover_every_matching_row() {
+        let src = mem(None);
+        let mut cur = retained_page(&src, "a/#", None).await.unwrap().next;
+        let mut n = 0;
+        while let Some(c) = cur {
+            let p = retained_page(&src, "a/#", Some(&c)).await.unwrap();
+            n += p.msgs.len();
+            cur = p.next;
+        }
+        assert_eq!(n, 2000 - 2000 / 3);
+    }
 }

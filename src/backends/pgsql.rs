@@ -4,7 +4,10 @@
 //! or sent unnamed (`prepare = off`) for PgBouncer in transaction mode — bound either way.
 
 use super::tls::Verify;
-use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp, Written};
+use super::{
+    fetch_page, retained_page, BResult, Backend, BackendError, Cursor, FetchRequest, Page, Scanned, Source, Span, StoredMessage, Table,
+    WriteOp, Written, SCAN_ROWS_PER_MATCH,
+};
 use crate::actions::Statement;
 use crate::config::{ConfError, PoolConf};
 use crate::hooks::{Message, Value};
@@ -12,7 +15,6 @@ use crate::topic;
 use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::future::BoxFuture;
-use futures::{pin_mut, StreamExt};
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -218,20 +220,17 @@ impl PgBackend {
         }
     }
 
-    /// Newest-first rows of `table` matching `filter`, narrowed by index, matched exactly here,
-    /// read as a stream so a small `limit` stops early.
-    async fn scan(
+    /// One bounded scan (see [`Source::scan`]): ids and topics only, narrowed by the index on
+    /// the topic prefix; `x/#` also matches `x` itself, which `LIKE 'x/%'` does not reach.
+    async fn scan_rows(
         &self,
         c: &deadpool_postgres::Object,
-        table: &str,
+        table: Table,
         filter: &str,
-        min_msgid: i64,
-        since: i64,
-        limit: Option<u32>,
-    ) -> BResult<Vec<StoredMessage>> {
-        let retain_col = if table == "mqtt_retain" { "true" } else { "retain" };
-        let cols = format!("msgid, sender, topic, qos, {retain_col}, payload, arrived");
-        // `x/#` also matches `x` itself, which `LIKE 'x/%'` does not reach.
+        span: Span,
+        desc: bool,
+        want: usize,
+    ) -> BResult<Scanned> {
         let parent: Option<&str> = topic::parent_level(filter);
         let (cond, pattern) = if !topic::has_wildcards(filter) {
             ("topic = $1", filter.to_string())
@@ -243,29 +242,43 @@ impl PgBackend {
                 .collect();
             ("(topic LIKE $1 OR topic = $4)", format!("{escaped}%"))
         };
-        let sql = format!("SELECT {cols} FROM {table} WHERE {cond} AND msgid > $2 AND arrived >= $3 ORDER BY msgid DESC");
-        let params: [&(dyn ToSql + Sync); 4] = [&pattern, &min_msgid, &since, &parent];
-        let types = [Type::TEXT, Type::INT8, Type::INT8, Type::TEXT];
-        let stream = if self.prepare {
-            let st = c.prepare_typed_cached(&sql, &types).await.map_err(|e| classify(&e))?;
-            c.query_raw(&st, params.iter().copied()).await.map_err(|e| classify(&e))?
-        } else {
-            c.query_typed_raw(&sql, params.iter().copied().zip(types.iter().cloned()))
-                .await
-                .map_err(|e| classify(&e))?
-        };
-        pin_mut!(stream);
-        let mut out = Vec::new();
-        while let Some(row) = stream.next().await {
-            let m = row_msg(&row.map_err(|e| classify(&e))?, table)?;
-            if topic::matches(&m.topic, filter) {
-                out.push(m);
-                if limit.is_some_and(|l| out.len() >= l as usize) {
-                    break;
-                }
-            }
+        let order = if desc { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT msgid, topic FROM {} WHERE {cond} AND msgid > $2 AND msgid <= $5 AND arrived >= $3 ORDER BY msgid {order} LIMIT $6",
+            table.name()
+        );
+        let limit = (want.max(1) * SCAN_ROWS_PER_MATCH) as i64;
+        // Ids stay below 2^63 for millennia; "no bound" saturates.
+        let (after, upto) = (span.after.min(i64::MAX as u64) as i64, span.upto.min(i64::MAX as u64) as i64);
+        let params: [&(dyn ToSql + Sync); 6] = [&pattern, &after, &span.since, &parent, &upto, &limit];
+        let types = [Type::TEXT, Type::INT8, Type::INT8, Type::TEXT, Type::INT8, Type::INT8];
+        let rows = self.query(c, &sql, &types, &params).await.map_err(|e| classify(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id = int_col(r, 0, table.name())? as u64;
+            let t = text_col(r, 1, table.name())?.ok_or_else(|| unexpected(r, 1, table.name(), "text", "NULL"))?;
+            out.push((id, t));
         }
-        Ok(out)
+        let reached = (out.len() as i64 == limit).then(|| out.last().map(|(id, _)| *id)).flatten();
+        Ok(Scanned { rows: out, reached })
+    }
+
+    /// Whole rows by msgid (`mqtt_msg`) or by topic (the one-row-per-topic tables, whose msgid
+    /// has no index).
+    async fn load_rows(&self, c: &deadpool_postgres::Object, table: Table, rows: &[(u64, String)]) -> BResult<Vec<StoredMessage>> {
+        let retain_col = if table == Table::Retain { "true" } else { "retain" };
+        let cols = format!("msgid, sender, topic, qos, {retain_col}, payload, arrived");
+        let found = if table == Table::Msg {
+            let ids: Vec<i64> = rows.iter().map(|(id, _)| *id as i64).collect();
+            let sql = format!("SELECT {cols} FROM {} WHERE msgid = ANY($1)", table.name());
+            self.query(c, &sql, &[Type::INT8_ARRAY], &[&ids]).await
+        } else {
+            let topics: Vec<&str> = rows.iter().map(|(_, t)| t.as_str()).collect();
+            let sql = format!("SELECT {cols} FROM {} WHERE topic = ANY($1)", table.name());
+            self.query(c, &sql, &[Type::TEXT_ARRAY], &[&topics]).await
+        }
+        .map_err(|e| classify(&e))?;
+        found.iter().map(|r| row_msg(r, table.name())).collect()
     }
 
     async fn store_many(&self, c: &deadpool_postgres::Object, table: &str, msgs: &[&Arc<Message>]) -> Result<u64, tokio_postgres::Error> {
@@ -784,71 +797,12 @@ impl Backend for PgBackend {
         })
     }
 
-    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
-        Box::pin(async move {
-            let c = self.client().await?;
-            let r = async {
-                let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
-                let max = req.opts.max_returned_count;
-                let filter = &*req.filter;
-                let msgs = match req.kind {
-                    FetchKind::Pointer => {
-                        let rows = self
-                            .query(
-                                &c,
-                                "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2",
-                                &[Type::TEXT, Type::TEXT],
-                                &[&&*req.clientid, &filter],
-                            )
-                            .await
-                            .map_err(|e| classify(&e))?;
-                        match rows.first().map(|r| int_col(r, 0, "mqtt_acked")).transpose()? {
-                            Some(p) => self.scan(&c, "mqtt_msg", filter, p, since, max).await?,
-                            None => {
-                                // First subscription: start the pointer at the newest stored message.
-                                let newest = self.scan(&c, "mqtt_msg", filter, i64::MIN, i64::MIN, Some(1)).await?;
-                                let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
-                                self.exec(
-                                    &c,
-                                    "INSERT INTO mqtt_acked (clientid, topic, mid) VALUES ($1, $2, $3) ON CONFLICT (clientid, topic) DO NOTHING",
-                                    &[Type::TEXT, Type::TEXT, Type::INT8],
-                                    &[&&*req.clientid, &filter, &mid],
-                                )
-                                .await
-                                .map_err(|e| classify(&e))?;
-                                if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
-                                    self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?
-                                } else {
-                                    Vec::new()
-                                }
-                            }
-                        }
-                    }
-                    FetchKind::Queue => self.scan(&c, "mqtt_msg", filter, i64::MIN, since, max).await?,
-                    FetchKind::KeepLatest => self.scan(&c, "mqtt_latest", filter, i64::MIN, since, max).await?,
-                };
-                let mut msgs = keep_newest(msgs, max);
-                msgs.reverse();
-                Ok(msgs)
-            }
-            .await;
-            c.release();
-            r
-        })
+    fn fetch<'a>(&'a self, req: &'a FetchRequest, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+        Box::pin(fetch_page(self, req, cursor))
     }
 
-    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
-        Box::pin(async move {
-            let c = self.client().await?;
-            let r = async {
-                let mut v = self.scan(&c, "mqtt_retain", filter, i64::MIN, i64::MIN, None).await?;
-                v.reverse();
-                Ok(v)
-            }
-            .await;
-            c.release();
-            r
-        })
+    fn retained<'a>(&'a self, filter: &'a str, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+        Box::pin(retained_page(self, filter, cursor))
     }
 
     fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
@@ -908,6 +862,67 @@ impl Backend for PgBackend {
         Box::pin(async move {
             let c = self.client().await?;
             let r = async { c.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| classify(&e)) }.await;
+            c.release();
+            r
+        })
+    }
+}
+
+impl Source for PgBackend {
+    fn pointer<'a>(&'a self, clientid: &'a str, filter: &'a str) -> BoxFuture<'a, BResult<Option<u64>>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let r = async {
+                let rows = self
+                    .query(
+                        &c,
+                        "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2",
+                        &[Type::TEXT, Type::TEXT],
+                        &[&clientid, &filter],
+                    )
+                    .await
+                    .map_err(|e| classify(&e))?;
+                rows.first()
+                    .map(|r| int_col(r, 0, "mqtt_acked").map(|p| p.max(0) as u64))
+                    .transpose()
+            }
+            .await;
+            c.release();
+            r
+        })
+    }
+
+    fn create_pointer<'a>(&'a self, clientid: &'a str, filter: &'a str, msgid: u64) -> BoxFuture<'a, BResult<()>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let r = self
+                .exec(
+                    &c,
+                    "INSERT INTO mqtt_acked (clientid, topic, mid) VALUES ($1, $2, $3) ON CONFLICT (clientid, topic) DO NOTHING",
+                    &[Type::TEXT, Type::TEXT, Type::INT8],
+                    &[&clientid, &filter, &(msgid.min(i64::MAX as u64) as i64)],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(&e));
+            c.release();
+            r
+        })
+    }
+
+    fn scan<'a>(&'a self, table: Table, filter: &'a str, span: Span, desc: bool, want: usize) -> BoxFuture<'a, BResult<Scanned>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let r = self.scan_rows(&c, table, filter, span, desc, want).await;
+            c.release();
+            r
+        })
+    }
+
+    fn load<'a>(&'a self, table: Table, rows: &'a [(u64, String)]) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let r = self.load_rows(&c, table, rows).await;
             c.release();
             r
         })

@@ -5,9 +5,17 @@
 //!
 //! Wildcard fetch and retain lookups use topic indexes (`mqtt:topics:msg|retain|latest`,
 //! sorted sets of topic names): a filter's literal prefix selects the candidate topics with
-//! one range query, so a subscribe costs O(matching topics), not O(all keys).
+//! range queries, so a subscribe costs O(matching topics), not O(all keys).
+//!
+//! Reads are paged (see `backends::Source`): a fetch merges the matching topics' id sets in
+//! msgid order, walking the topic index a chunk at a time, and loads only one page's hashes per
+//! round trip; the cap and the time bound apply to ids before any hash is loaded. Retained and
+//! keep-latest lookups walk the topic index, a page of topics at a time.
 
-use super::{keep_newest, BResult, Backend, BackendError, ControlSink, FetchKind, FetchRequest, StoredMessage, WriteOp, Written};
+use super::{
+    fetch_page, BResult, Backend, BackendError, ControlSink, Cursor, FetchKind, FetchRequest, Page, Scanned, Source, Span, StoredMessage,
+    Table, WriteOp, Written, PAGE,
+};
 use crate::broker::Control;
 use crate::config::{ConfError, PoolConf};
 use crate::hooks::Message;
@@ -17,7 +25,7 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ConnectionAddr, ConnectionInfo, Pipeline, ProtocolVersion, RedisConnectionInfo, RedisError, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::Duration;
 use tokio::sync::RwLock;
 
@@ -61,6 +69,25 @@ return 0";
 
 fn pad(id: u64) -> String {
     format!("{id:020}")
+}
+
+/// A message's `arrived` is taken just after its msgid, whose top 42 bits are the ms clock
+/// (`id >> 22`): so it is at most about this much later than its id's time ...
+const ARRIVED_AFTER_ID_MS: i64 = 1_000;
+/// ... and at most this much earlier: after a restart ids start above the high-water mark,
+/// up to 10 s ahead of the clock.
+const ARRIVED_BEFORE_ID_MS: i64 = 11_000;
+/// What one merge round trip may return at most: topics per trip times ids per topic.
+const IDS_PER_TRIP: usize = 8192;
+
+/// The smallest msgid of millisecond `ms`.
+fn first_id_at(ms: i64) -> u64 {
+    (ms.max(0) as u64) << 22
+}
+
+/// The ms clock in a msgid.
+fn id_time(id: u64) -> i64 {
+    (id >> 22) as i64
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,21 +490,27 @@ impl RedisBackend {
         }
     }
 
-    /// Topics in `index` that match `filter`, found by one range query on the literal prefix.
-    async fn matching_topics(&self, index: &str, filter: &str) -> BResult<Vec<String>> {
+    /// One step of a walk over the topics of `index` matching `filter`, in name order: of the
+    /// `n` index entries after `from`, those that match, and where the next step starts (`None`:
+    /// the walk is done). A filter without wildcards is its only topic.
+    async fn topics_step(&self, index: &str, filter: &str, from: Option<&str>, n: usize) -> BResult<(Vec<String>, Option<String>)> {
         if !topic::has_wildcards(filter) {
-            return Ok(vec![filter.to_string()]);
+            return Ok((if from.is_none() { vec![filter.to_string()] } else { Vec::new() }, None));
         }
         let (lo, hi) = match topic::prefix_range(filter) {
             Some((lo, hi)) => (format!("[{lo}"), format!("({hi}")),
             None => ("-".to_string(), "+".to_string()),
         };
-        let all: Vec<String> = self.run(redis::cmd("ZRANGEBYLEX").arg(index).arg(lo).arg(hi)).await?;
-        Ok(all.into_iter().filter(|t| topic::matches(t, filter)).collect())
+        let lo = from.map_or(lo, |t| format!("({t}"));
+        let names: Vec<String> = self
+            .run(redis::cmd("ZRANGEBYLEX").arg(index).arg(lo).arg(hi).arg("LIMIT").arg(0).arg(n))
+            .await?;
+        let next = (names.len() >= n).then(|| names.last().cloned()).flatten();
+        Ok((names.into_iter().filter(|t| topic::matches(t, filter)).collect(), next))
     }
 
     /// Reads message hashes; ids whose hash expired are removed from their topic set lazily.
-    async fn load(&self, keyed: Vec<(String, String, String)>) -> BResult<Vec<StoredMessage>> {
+    async fn load_hashes(&self, keyed: Vec<(String, String, String)>) -> BResult<Vec<StoredMessage>> {
         if keyed.is_empty() {
             return Ok(Vec::new());
         }
@@ -505,60 +538,286 @@ impl RedisBackend {
         Ok(out)
     }
 
-    async fn messages_after(&self, filter: &str, after: u64) -> BResult<Vec<StoredMessage>> {
-        let topics = self.matching_topics(TOPICS_MSG, filter).await?;
+    /// [`Source::scan`] of the stored messages: the matching topics' id sets merged in msgid
+    /// order. Each round trip asks a chunk of topics for their nearest `want` ids; what lies
+    /// beyond a topic's last returned id is unknown, so only ids up to the nearest such edge
+    /// (`bound`) are complete, and the chunks after narrow their ranges to it. Memory: at most
+    /// [`IDS_PER_TRIP`] ids per round trip and `want` kept.
+    async fn scan_ids(&self, filter: &str, span: Span, desc: bool, want: usize) -> BResult<Scanned> {
+        let want = want.max(1);
+        // Ids older than the time bound cannot have arrived in time: skip them unseen.
+        let mut lo = span.after;
+        if span.since > i64::MIN {
+            lo = lo.max(first_id_at(span.since.saturating_sub(ARRIVED_AFTER_ID_MS)).saturating_sub(1));
+        }
+        let hi = span.upto;
+        if lo >= hi {
+            return Ok(Scanned::default());
+        }
+        // Ascending: every id in (lo, bound] is known; descending: every id in [bound, hi].
+        let mut bound = if desc { lo + 1 } else { hi };
+        let mut found: BTreeMap<u64, std::sync::Arc<str>> = BTreeMap::new();
+        let mut gone = Vec::new();
+        let chunk = (IDS_PER_TRIP / want).clamp(1, PAGE);
+        let mut from: Option<String> = None;
+        loop {
+            let (topics, next) = self.topics_step(TOPICS_MSG, filter, from.as_deref(), chunk).await?;
+            // A query over a whole set that finds nothing: the set expired.
+            let whole = lo == 0 && if desc { hi == u64::MAX && bound == 1 } else { bound == u64::MAX };
+            if !topics.is_empty() {
+                let mut p = redis::pipe();
+                for t in &topics {
+                    let key = format!("mqtt:msg:{t}");
+                    if desc {
+                        p.cmd("ZREVRANGEBYLEX")
+                            .arg(key)
+                            .arg(format!("[{}", pad(hi)))
+                            .arg(format!("[{}", pad(bound)))
+                    } else {
+                        p.cmd("ZRANGEBYLEX")
+                            .arg(key)
+                            .arg(format!("({}", pad(lo)))
+                            .arg(format!("[{}", pad(bound)))
+                    }
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(want);
+                }
+                let replies: Vec<Vec<String>> = self.run_pipe(&p).await?;
+                for (t, ids) in topics.into_iter().zip(replies) {
+                    if ids.is_empty() && whole {
+                        gone.push(t);
+                        continue;
+                    }
+                    let full = ids.len() >= want;
+                    let t: std::sync::Arc<str> = t.into();
+                    let mut edge = None;
+                    for id in ids.iter().filter_map(|i| i.parse::<u64>().ok()) {
+                        found.insert(id, t.clone());
+                        edge = Some(id);
+                    }
+                    if let (true, Some(e)) = (full, edge) {
+                        bound = if desc { bound.max(e) } else { bound.min(e) };
+                    }
+                }
+                // Keep the complete part, and of it only the `want` nearest: once that many are
+                // known, nothing beyond the farthest of them matters either.
+                if desc {
+                    found = found.split_off(&bound);
+                    while found.len() > want {
+                        found.pop_first();
+                    }
+                    if found.len() == want {
+                        bound = bound.max(found.first_key_value().map_or(bound, |(k, _)| *k));
+                    }
+                } else {
+                    if bound < u64::MAX {
+                        drop(found.split_off(&(bound + 1)));
+                    }
+                    while found.len() > want {
+                        found.pop_last();
+                    }
+                    if found.len() == want {
+                        bound = bound.min(found.last_key_value().map_or(bound, |(k, _)| *k));
+                    }
+                }
+            }
+            match next {
+                Some(t) => from = Some(t),
+                None => break,
+            }
+        }
+        if !gone.is_empty() {
+            let mut p = redis::pipe();
+            for t in gone {
+                p.cmd("ZREM").arg(TOPICS_MSG).arg(t).ignore();
+            }
+            let _ = self.run_pipe::<()>(&p).await;
+        }
+        let more = found.len() == want || if desc { bound > lo + 1 } else { bound < hi };
+        let mut rows: Vec<(u64, String)> = found.into_iter().map(|(id, t)| (id, t.to_string())).collect();
+        if desc {
+            rows.reverse();
+        }
+        if span.since > i64::MIN {
+            rows = self.arrived_since(rows, span.since).await?;
+        }
+        Ok(Scanned {
+            rows,
+            reached: more.then_some(bound),
+        })
+    }
+
+    /// Of ids that passed the time bound, those whose message really arrived since `since`:
+    /// only ids near the bound need their `ts` read (no payload), the others are certain.
+    async fn arrived_since(&self, rows: Vec<(u64, String)>, since: i64) -> BResult<Vec<(u64, String)>> {
+        let unsure = |id: u64| id_time(id) < since.saturating_add(ARRIVED_BEFORE_ID_MS);
+        let mut p = redis::pipe();
+        for (id, _) in rows.iter().filter(|(id, _)| unsure(*id)) {
+            p.cmd("HGET").arg(format!("mqtt:msg:{id}")).arg("ts");
+        }
+        if p.cmd_iter().next().is_none() {
+            return Ok(rows);
+        }
+        let ts: Vec<Option<String>> = self.run_pipe(&p).await?;
+        let mut ts = ts.into_iter();
+        Ok(rows
+            .into_iter()
+            .filter(|(id, _)| !unsure(*id) || ts.next().flatten().and_then(|t| t.parse::<i64>().ok()).is_some_and(|t| t >= since))
+            .collect())
+    }
+
+    /// Keep-latest fetch: one hash per topic, so it walks the topic index a page of topics at
+    /// a time (each page in msgid order). Opening reads ids and times only (`HMGET id ts`) to
+    /// fix the newest msgid and, with `max_returned_count` N, the Nth newest (keeping at most
+    /// N ids, 8 bytes each).
+    async fn latest_page(&self, req: &FetchRequest, cursor: Option<&Cursor>) -> BResult<Page> {
+        let filter = &*req.filter;
+        let since = req.since();
+        let Some(c) = cursor else {
+            let cap = req.opts.max_returned_count.map(|n| n as usize);
+            let mut newest: Option<u64> = None;
+            let mut nearest: BinaryHeap<std::cmp::Reverse<u64>> = BinaryHeap::new();
+            let mut from: Option<String> = None;
+            loop {
+                let (topics, next) = self.topics_step(TOPICS_LATEST, filter, from.as_deref(), PAGE).await?;
+                for (_, id) in self.latest_ids(topics, since).await? {
+                    newest = newest.max(Some(id));
+                    if let Some(n) = cap {
+                        nearest.push(std::cmp::Reverse(id));
+                        if nearest.len() > n {
+                            nearest.pop();
+                        }
+                    }
+                }
+                match next {
+                    Some(t) => from = Some(t),
+                    None => break,
+                }
+            }
+            let after = match (cap, nearest.peek()) {
+                (Some(n), Some(std::cmp::Reverse(nth))) if nearest.len() == n => nth - 1,
+                _ => 0,
+            };
+            return Ok(Page {
+                msgs: Vec::new(),
+                next: newest.map(|upto| Cursor { after, upto, topic: None }),
+            });
+        };
+        let (topics, next) = self.topics_step(TOPICS_LATEST, filter, c.topic.as_deref(), PAGE).await?;
+        // Ids first: only the hashes this page delivers are loaded.
+        let keyed = self
+            .latest_ids(topics, since)
+            .await?
+            .into_iter()
+            .filter(|(_, id)| *id > c.after && *id <= c.upto)
+            .map(|(t, _)| (format!("mqtt:latest_msg:{t}"), String::new(), String::new()))
+            .collect();
+        let mut msgs = self.load_hashes(keyed).await?;
+        msgs.retain(|m| m.msgid > c.after && m.msgid <= c.upto && m.arrived >= since);
+        msgs.sort_by_key(|m| m.msgid);
+        Ok(Page {
+            msgs,
+            next: next.map(|t| Cursor {
+                topic: Some(t),
+                ..c.clone()
+            }),
+        })
+    }
+
+    /// The keep-latest msgid of each of `topics` whose message arrived since `since` (ids and
+    /// times only, one round trip).
+    async fn latest_ids(&self, topics: Vec<String>, since: i64) -> BResult<Vec<(String, u64)>> {
         if topics.is_empty() {
             return Ok(Vec::new());
         }
         let mut p = redis::pipe();
         for t in &topics {
-            p.cmd("ZRANGEBYLEX")
-                .arg(format!("mqtt:msg:{t}"))
-                .arg(format!("({}", pad(after)))
-                .arg("+");
+            p.cmd("HMGET").arg(format!("mqtt:latest_msg:{t}")).arg("id").arg("ts");
         }
-        let ids: Vec<Vec<String>> = self.run_pipe(&p).await?;
-        let mut keyed = Vec::new();
-        let mut empty = Vec::new();
-        for (t, ids) in topics.iter().zip(ids) {
-            if ids.is_empty() && after == 0 {
-                empty.push(t.clone());
-            }
-            for id in ids {
-                let n: u64 = id.parse().unwrap_or(0);
-                keyed.push((format!("mqtt:msg:{n}"), format!("mqtt:msg:{t}"), id));
-            }
-        }
-        if !empty.is_empty() {
-            // Topics whose every message expired leave the index.
-            let mut p = redis::pipe();
-            for t in empty {
-                p.cmd("ZREM").arg(TOPICS_MSG).arg(t).ignore();
-            }
-            let _ = self.run_pipe::<()>(&p).await;
-        }
-        let mut msgs = self.load(keyed).await?;
-        msgs.sort_by_key(|m| m.msgid);
-        Ok(msgs)
+        let replies: Vec<Vec<Option<String>>> = self.run_pipe(&p).await?;
+        Ok(topics
+            .into_iter()
+            .zip(replies)
+            .filter_map(|(t, r)| {
+                let num = |i: usize| r.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+                match (num(0), num(1)) {
+                    (Some(id), Some(ts)) if id > 0 && ts >= since => Some((t, id as u64)),
+                    _ => None,
+                }
+            })
+            .collect())
     }
 
-    async fn newest_id(&self, filter: &str) -> BResult<u64> {
-        let topics = self.matching_topics(TOPICS_MSG, filter).await?;
-        if topics.is_empty() {
-            return Ok(0);
+    /// Retained lookup: a page of matching topics of the index per call, one copy per topic.
+    async fn retained_step(&self, filter: &str, cursor: Option<&Cursor>) -> BResult<Page> {
+        let Some(c) = cursor else {
+            return Ok(Page {
+                msgs: Vec::new(),
+                next: Some(Cursor {
+                    after: 0,
+                    upto: u64::MAX,
+                    topic: None,
+                }),
+            });
+        };
+        let (topics, next) = self.topics_step(TOPICS_RETAIN, filter, c.topic.as_deref(), PAGE).await?;
+        let keyed = topics
+            .into_iter()
+            .map(|t| (format!("mqtt:retain:{t}"), String::new(), String::new()))
+            .collect();
+        let mut msgs = self.load_hashes(keyed).await?;
+        for m in &mut msgs {
+            m.retain = true;
         }
-        let mut p = redis::pipe();
-        for t in &topics {
-            p.cmd("ZREVRANGEBYLEX")
-                .arg(format!("mqtt:msg:{t}"))
-                .arg("+")
-                .arg("-")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(1);
-        }
-        let ids: Vec<Vec<String>> = self.run_pipe(&p).await?;
-        Ok(ids.into_iter().flatten().filter_map(|s| s.parse().ok()).max().unwrap_or(0))
+        Ok(Page {
+            msgs,
+            next: next.map(|t| Cursor {
+                topic: Some(t),
+                ..c.clone()
+            }),
+        })
+    }
+}
+
+impl Source for RedisBackend {
+    fn pointer<'a>(&'a self, clientid: &'a str, filter: &'a str) -> BoxFuture<'a, BResult<Option<u64>>> {
+        Box::pin(async move {
+            let ptr: Option<String> = self.run(redis::cmd("GET").arg(format!("mqtt:acked:{clientid}:{filter}"))).await?;
+            Ok(ptr.and_then(|p| p.parse::<u64>().ok()))
+        })
+    }
+
+    fn create_pointer<'a>(&'a self, clientid: &'a str, filter: &'a str, msgid: u64) -> BoxFuture<'a, BResult<()>> {
+        Box::pin(async move {
+            let _: Value = self
+                .run(
+                    redis::cmd("SET")
+                        .arg(format!("mqtt:acked:{clientid}:{filter}"))
+                        .arg(pad(msgid))
+                        .arg("NX"),
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn scan<'a>(&'a self, table: Table, filter: &'a str, span: Span, desc: bool, want: usize) -> BoxFuture<'a, BResult<Scanned>> {
+        Box::pin(async move {
+            match table {
+                Table::Msg => self.scan_ids(filter, span, desc, want).await,
+                // Keyed by topic in Redis: read by walking the topic index instead.
+                other => Err(BackendError::permanent(format!("redis does not page {} by msgid", other.name()))),
+            }
+        })
+    }
+
+    fn load<'a>(&'a self, _table: Table, rows: &'a [(u64, String)]) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        let keyed = rows
+            .iter()
+            .map(|(id, t)| (format!("mqtt:msg:{id}"), format!("mqtt:msg:{t}"), pad(*id)))
+            .collect();
+        Box::pin(self.load_hashes(keyed))
     }
 }
 
@@ -697,57 +956,15 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
-        Box::pin(async move {
-            let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
-            let filter = &*req.filter;
-            let msgs = match req.kind {
-                FetchKind::Pointer => {
-                    let key = format!("mqtt:acked:{}:{}", req.clientid, filter);
-                    let ptr: Option<String> = self.run(redis::cmd("GET").arg(&key)).await?;
-                    match ptr.and_then(|p| p.parse::<u64>().ok()) {
-                        Some(p) => self.messages_after(filter, p).await?,
-                        None => {
-                            let newest = self.newest_id(filter).await?;
-                            let _: Value = self.run(redis::cmd("SET").arg(&key).arg(pad(newest)).arg("NX")).await?;
-                            if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
-                                self.messages_after(filter, 0).await?
-                            } else {
-                                Vec::new()
-                            }
-                        }
-                    }
-                }
-                FetchKind::Queue => self.messages_after(filter, 0).await?,
-                FetchKind::KeepLatest => {
-                    let topics = self.matching_topics(TOPICS_LATEST, filter).await?;
-                    let keyed = topics
-                        .into_iter()
-                        .map(|t| (format!("mqtt:latest_msg:{t}"), String::new(), String::new()))
-                        .collect();
-                    let mut v = self.load(keyed).await?;
-                    v.sort_by_key(|m| m.msgid);
-                    v
-                }
-            };
-            let msgs: Vec<StoredMessage> = msgs.into_iter().filter(|m| m.arrived >= since).collect();
-            Ok(keep_newest(msgs, req.opts.max_returned_count))
-        })
+    fn fetch<'a>(&'a self, req: &'a FetchRequest, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+        match req.kind {
+            FetchKind::KeepLatest => Box::pin(self.latest_page(req, cursor)),
+            FetchKind::Pointer | FetchKind::Queue => Box::pin(fetch_page(self, req, cursor)),
+        }
     }
 
-    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
-        Box::pin(async move {
-            let topics = self.matching_topics(TOPICS_RETAIN, filter).await?;
-            let keyed = topics
-                .into_iter()
-                .map(|t| (format!("mqtt:retain:{t}"), String::new(), String::new()))
-                .collect();
-            let mut v = self.load(keyed).await?;
-            for m in &mut v {
-                m.retain = true;
-            }
-            Ok(v)
-        })
+    fn retained<'a>(&'a self, filter: &'a str, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+        Box::pin(self.retained_step(filter, cursor))
     }
 
     fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {

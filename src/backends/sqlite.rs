@@ -1,7 +1,10 @@
 //! SQLite: the embedded, zero-setup default. One writer connection in WAL mode applies each
 //! batch in a single transaction; a second connection serves reads while writes go on.
 
-use super::{keep_newest, BResult, Backend, BackendError, FetchKind, FetchRequest, StoredMessage, WriteOp, Written};
+use super::{
+    fetch_page, retained_page, BResult, Backend, BackendError, Cursor, FetchRequest, Page, Scanned, Source, Span, StoredMessage, Table,
+    WriteOp, Written, PAGE, SCAN_ROWS_PER_MATCH,
+};
 use crate::config::{ConfError, PoolConf};
 use crate::hooks::Value;
 use crate::topic;
@@ -274,45 +277,120 @@ fn text_col(r: &rusqlite::Row<'_>, i: usize, table: &str) -> BResult<Option<Stri
     }
 }
 
-/// Rows of `table` matching `filter`, newest first, narrowed by index and matched exactly here.
-/// `extra` is appended to the WHERE clause with `extra_params` after the topic bounds.
-fn scan_matching(
-    c: &Connection,
-    table: &str,
-    cols: &str,
-    filter: &str,
-    extra: &str,
-    extra_params: &[i64],
-    limit: Option<u32>,
-) -> BResult<Vec<StoredMessage>> {
-    let mut sql = format!("SELECT {cols} FROM {table} WHERE 1=1");
-    let mut ps: Vec<rusqlite::types::Value> = Vec::new();
-    if let Some((lo, hi)) = topic::prefix_range(filter) {
-        if topic::has_wildcards(filter) {
-            sql.push_str(" AND topic >= ? AND topic < ?");
+/// The filter's topic bounds for a WHERE clause (a superset: matching is exact in Rust).
+fn topic_cond(filter: &str, ps: &mut Vec<rusqlite::types::Value>) -> &'static str {
+    match topic::prefix_range(filter) {
+        Some((lo, _)) if !topic::has_wildcards(filter) => {
+            ps.push(lo.into());
+            " AND topic = ?"
+        }
+        Some((lo, hi)) => {
             ps.push(lo.into());
             ps.push(hi.into());
-        } else {
-            sql.push_str(" AND topic = ?");
-            ps.push(lo.into());
+            " AND topic >= ? AND topic < ?"
         }
+        None => "",
     }
-    sql.push_str(extra);
-    ps.extend(extra_params.iter().map(|v| rusqlite::types::Value::Integer(*v)));
-    sql.push_str(" ORDER BY msgid DESC");
+}
+
+/// A msgid as SQLite stores it (ids stay below 2^63 for millennia; "no bound" saturates).
+fn sql_id(id: u64) -> i64 {
+    id.min(i64::MAX as u64) as i64
+}
+
+fn scan_rows(c: &Connection, table: Table, filter: &str, span: Span, desc: bool, want: usize) -> BResult<Scanned> {
+    let limit = want.max(1) * SCAN_ROWS_PER_MATCH;
+    let mut ps: Vec<rusqlite::types::Value> = vec![sql_id(span.after).into(), sql_id(span.upto).into(), span.since.into()];
+    let cond = topic_cond(filter, &mut ps);
+    ps.push((limit as i64).into());
+    let order = if desc { "DESC" } else { "ASC" };
+    let sql = format!(
+        "SELECT msgid, topic FROM {} WHERE msgid > ? AND msgid <= ? AND arrived >= ?{cond} ORDER BY msgid {order} LIMIT ?",
+        table.name()
+    );
     let mut st = c.prepare_cached(&sql).map_err(classify)?;
     let mut rows = st.query(rusqlite::params_from_iter(ps)).map_err(classify)?;
     let mut out = Vec::new();
     while let Some(r) = rows.next().map_err(classify)? {
-        let m = row_msg(r, table)?;
-        if topic::matches(&m.topic, filter) {
-            out.push(m);
-            if limit.is_some_and(|l| out.len() >= l as usize) {
-                break;
-            }
+        let id = int_col(r, 0, table.name())? as u64;
+        let t = text_col(r, 1, table.name())?.ok_or_else(|| unexpected(r, 1, table.name(), "text", "NULL"))?;
+        out.push((id, t));
+    }
+    let reached = (out.len() == limit).then(|| out.last().map(|(id, _)| *id)).flatten();
+    Ok(Scanned { rows: out, reached })
+}
+
+/// Whole rows by msgid (`mqtt_msg`) or by topic (the one-row-per-topic tables, whose msgid has
+/// no index). Always [`PAGE`] placeholders, padded with the first key: one cached statement.
+fn load_rows(c: &Connection, table: Table, rows: &[(u64, String)]) -> BResult<Vec<StoredMessage>> {
+    let Some(first) = rows.first() else { return Ok(Vec::new()) };
+    let cols = match table {
+        Table::Retain => "msgid, sender, topic, qos, 1, payload, arrived",
+        Table::Msg | Table::Latest => MSG_COLS,
+    };
+    let by_id = table == Table::Msg;
+    let key = |r: &(u64, String)| -> rusqlite::types::Value {
+        if by_id {
+            sql_id(r.0).into()
+        } else {
+            r.1.clone().into()
+        }
+    };
+    let marks = vec!["?"; PAGE].join(", ");
+    let sql = format!(
+        "SELECT {cols} FROM {} WHERE {} IN ({marks})",
+        table.name(),
+        if by_id { "msgid" } else { "topic" }
+    );
+    let mut st = c.prepare_cached(&sql).map_err(classify)?;
+    let mut out = Vec::new();
+    for chunk in rows.chunks(PAGE) {
+        let mut ps: Vec<rusqlite::types::Value> = chunk.iter().map(key).collect();
+        ps.resize(PAGE, key(first));
+        let mut found = st.query(rusqlite::params_from_iter(ps)).map_err(classify)?;
+        while let Some(r) = found.next().map_err(classify)? {
+            out.push(row_msg(r, table.name())?);
         }
     }
     Ok(out)
+}
+
+impl Source for SqliteBackend {
+    fn pointer<'a>(&'a self, clientid: &'a str, filter: &'a str) -> BoxFuture<'a, BResult<Option<u64>>> {
+        let (clientid, filter) = (clientid.to_string(), filter.to_string());
+        Box::pin(Self::blocking(&self.reader, move |c| {
+            let mut st = c
+                .prepare_cached("SELECT mid FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")
+                .map_err(classify)?;
+            let mut rows = st.query(params![clientid, filter]).map_err(classify)?;
+            match rows.next().map_err(classify)? {
+                Some(r) => Ok(Some(int_col(r, 0, "mqtt_acked")?.max(0) as u64)),
+                None => Ok(None),
+            }
+        }))
+    }
+
+    fn create_pointer<'a>(&'a self, clientid: &'a str, filter: &'a str, msgid: u64) -> BoxFuture<'a, BResult<()>> {
+        let (clientid, filter) = (clientid.to_string(), filter.to_string());
+        Box::pin(Self::blocking(&self.reader, move |c| {
+            c.prepare_cached("INSERT INTO mqtt_acked (clientid, topic, mid) VALUES (?1, ?2, ?3) ON CONFLICT (clientid, topic) DO NOTHING")
+                .and_then(|mut s| s.execute(params![clientid, filter, sql_id(msgid)]))
+                .map(|_| ())
+                .map_err(classify)
+        }))
+    }
+
+    fn scan<'a>(&'a self, table: Table, filter: &'a str, span: Span, desc: bool, want: usize) -> BoxFuture<'a, BResult<Scanned>> {
+        let filter = filter.to_string();
+        Box::pin(Self::blocking(&self.reader, move |c| {
+            scan_rows(c, table, &filter, span, desc, want)
+        }))
+    }
+
+    fn load<'a>(&'a self, table: Table, rows: &'a [(u64, String)]) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
+        let rows = rows.to_vec();
+        Box::pin(Self::blocking(&self.reader, move |c| load_rows(c, table, &rows)))
+    }
 }
 
 impl Backend for SqliteBackend {
@@ -335,65 +413,12 @@ impl Backend for SqliteBackend {
         }))
     }
 
-    fn fetch<'a>(&'a self, req: &'a FetchRequest) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
-        let req = req.clone();
-        Box::pin(Self::blocking(&self.reader, move |c| {
-            let since = req.opts.time_range.map(|d| req.now - d.as_millis() as i64).unwrap_or(i64::MIN);
-            let max = req.opts.max_returned_count;
-            let filter = &*req.filter;
-            let msgs = match req.kind {
-                FetchKind::Pointer => {
-                    let ptr: Option<i64> = {
-                        let mut st = c
-                            .prepare_cached("SELECT mid FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")
-                            .map_err(classify)?;
-                        let mut rows = st.query(params![&*req.clientid, filter]).map_err(classify)?;
-                        match rows.next().map_err(classify)? {
-                            Some(r) => Some(int_col(r, 0, "mqtt_acked")?),
-                            None => None,
-                        }
-                    };
-                    match ptr {
-                        Some(p) => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND msgid > ? AND arrived >= ?", &[p, since], max)?,
-                        None => {
-                            // First subscription: start the pointer at the newest stored message.
-                            let newest = scan_matching(c, "mqtt_msg", MSG_COLS, filter, "", &[], Some(1))?;
-                            let mid = newest.first().map(|m| m.msgid as i64).unwrap_or(0);
-                            c.prepare_cached("INSERT INTO mqtt_acked (clientid, topic, mid) VALUES (?1, ?2, ?3) ON CONFLICT (clientid, topic) DO NOTHING")
-                                .and_then(|mut s| s.execute(params![&*req.clientid, filter, mid]))
-                                .map_err(classify)?;
-                            if req.opts.first_subscribe_time_range && req.opts.time_range.is_some() {
-                                scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max)?
-                            } else {
-                                Vec::new()
-                            }
-                        }
-                    }
-                }
-                FetchKind::Queue => scan_matching(c, "mqtt_msg", MSG_COLS, filter, " AND arrived >= ?", &[since], max)?,
-                FetchKind::KeepLatest => scan_matching(c, "mqtt_latest", MSG_COLS, filter, " AND arrived >= ?", &[since], max)?,
-            };
-            let mut msgs = keep_newest(msgs, max);
-            msgs.reverse();
-            Ok(msgs)
-        }))
+    fn fetch<'a>(&'a self, req: &'a FetchRequest, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+        Box::pin(fetch_page(self, req, cursor))
     }
 
-    fn retained<'a>(&'a self, filter: &'a str) -> BoxFuture<'a, BResult<Vec<StoredMessage>>> {
-        let filter = filter.to_string();
-        Box::pin(Self::blocking(&self.reader, move |c| {
-            let mut v = scan_matching(
-                c,
-                "mqtt_retain",
-                "msgid, sender, topic, qos, 1, payload, arrived",
-                &filter,
-                "",
-                &[],
-                None,
-            )?;
-            v.reverse();
-            Ok(v)
-        }))
+    fn retained<'a>(&'a self, filter: &'a str, cursor: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+        Box::pin(retained_page(self, filter, cursor))
     }
 
     fn subscriptions<'a>(&'a self, clientid: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {

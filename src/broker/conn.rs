@@ -8,7 +8,7 @@
 
 use super::engine::{Control, Engine};
 use super::wire::{self, Codec};
-use crate::backends::queue::{Outcome, Ticket};
+use crate::backends::queue::{Outcome, RateLimited, Ticket};
 use crate::hooks::{now_ms, Client, Dispatcher, Event, Hook, Injection, Message};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -26,13 +26,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 /// User property carrying `msgid:qos:timestamp:sender` from publisher to subscriber links.
 const META_KEY: &str = "mqtt-persist-meta";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Router packet ids are 1..=100; ours for injected messages start above.
 const FIRST_INJECT_PKID: u16 = 101;
+/// The next page of stored messages is read only while fewer injected messages than this are
+/// unacked: with a page of `backends::PAGE` on top, what one client has in flight is bounded
+/// (and far below the 65 435 packet ids injections can use).
+const INJECT_WINDOW: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -124,12 +127,19 @@ struct HeldAck {
     router_ack: Option<Packet>,
 }
 
-/// Stored messages found for each filter of one SUBSCRIBE: (filter, granted QoS, messages).
-type Lookups = JoinHandle<Vec<(Arc<str>, u8, Vec<Injection>)>>;
+/// The stored messages of one SUBSCRIBE's filters, from the task that reads them: a page per
+/// request, read only when asked (nothing is read ahead), `(filter, granted QoS, page)`. The
+/// task ends when every read is done, or when this is dropped (the client went away).
+struct Feed {
+    want: mpsc::Sender<()>,
+    pages: mpsc::Receiver<(Arc<str>, u8, Vec<Injection>)>,
+    /// A page was asked for and has not arrived yet.
+    asked: bool,
+}
 
 /// A SUBSCRIBE sent to the router, in order; the router answers each with one SUBACK.
 struct PendingSub {
-    lookups: Option<Lookups>,
+    lookups: Option<Feed>,
 }
 
 struct Session {
@@ -157,7 +167,8 @@ struct Session {
     /// QoS 2 publishes refused by storage whose flow the layer ended with the router itself.
     swallow_pubcomp: HashSet<u16>,
     pending_subs: VecDeque<PendingSub>,
-    /// Filters whose subscribe reads may still run; the receiver errs once they are done.
+    /// Filters whose subscribe reads may still be opening (creating pointers); the receiver
+    /// errs once they are open.
     lookups_running: Vec<(Arc<str>, watch::Receiver<()>)>,
     recent_injected: HashSet<u64>,
     will: Option<(rumqttd::protocol::LastWill, Option<rumqttd::protocol::LastWillProperties>)>,
@@ -356,7 +367,9 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let idle = tokio::time::sleep(keepalive.unwrap_or(far));
     tokio::pin!(idle);
     let (mut reader, mut writer) = stream.into_split();
-    let mut hold: Option<Lookups> = None;
+    // The stored messages being injected: the subscription's live traffic (the router link)
+    // waits until the last page is written.
+    let mut hold: Option<Feed> = None;
     let mut link_open = true;
     let mut need_wake = false;
     let result: Result<(), ConnError> = loop {
@@ -409,11 +422,18 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                     }
                 }
             }
-            r = async { hold.as_mut().expect("guarded").await }, if hold.is_some() => {
-                hold = None;
-                match r {
-                    Ok(found) => s.inject_all(found),
-                    Err(e) => tracing::warn!(error = %e, "subscribe lookup task failed"),
+            page = async { hold.as_mut().expect("guarded").pages.recv().await }, if hold.as_ref().is_some_and(|f| f.asked) => {
+                match page {
+                    Some((filter, qos, page)) => {
+                        if let Some(f) = hold.as_mut() {
+                            f.asked = false;
+                        }
+                        // Unsubscribed meanwhile: the rest is not wanted (and stays stored).
+                        if s.subs.contains_key(&filter) {
+                            s.inject(qos, page);
+                        }
+                    }
+                    None => hold = None,
                 }
             }
             Some((seq, outcome)) = done_rx.recv() => {
@@ -432,6 +452,9 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                 }
                 break Ok(());
             }
+        }
+        if let Some(f) = hold.as_mut() {
+            s.ask_for_page(f);
         }
         if let Err(e) = s.flush().await {
             s.reason = "router_closed";
@@ -462,7 +485,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
 enum Step {
     Continue,
     Wake,
-    Hold(Lookups),
+    Hold(Feed),
     Close,
 }
 
@@ -785,15 +808,31 @@ impl Session {
                 .iter()
                 .map(|(f, _, _)| self.engine.pointer_deletes_of(&self.client.clientid, f))
                 .collect();
+            let (want, mut asked) = mpsc::channel(1);
+            let (page_tx, pages) = mpsc::channel(1);
             tokio::spawn(async move {
-                let _running = running;
-                let mut out = Vec::new();
+                // Opening creates the pointers: done before an unsubscribe may delete them.
+                let mut opened = Vec::new();
                 for ((filter, qos, is_new), pending) in new.into_iter().zip(pending) {
-                    let found = d.subscribed_after(&client, &filter, qos, is_new, pending).await;
-                    out.push((filter, qos, found));
+                    opened.push((qos, d.subscribed_after(&client, &filter, qos, is_new, pending).await));
                 }
-                out
-            })
+                drop(running);
+                let mut opened = opened.into_iter();
+                let mut current = opened.next();
+                while asked.recv().await.is_some() {
+                    let page = loop {
+                        let Some((qos, reads)) = current.as_mut() else { return };
+                        match d.next_page(reads).await {
+                            Some(page) => break (reads.filter().clone(), *qos, page),
+                            None => current = opened.next(),
+                        }
+                    };
+                    if page_tx.send(page).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Feed { want, pages, asked: false }
         });
         self.pending_subs.push_back(PendingSub { lookups });
         self.to_router.push(Packet::Subscribe(sub, props));
@@ -988,59 +1027,88 @@ impl Session {
         }
     }
 
-    fn alloc_pkid(&mut self) -> u16 {
-        for _ in 0..=u16::MAX {
+    /// A packet id for an injected publish, never one still awaiting its ack (`None`: all
+    /// 65 435 are; only unpaced `Control::Inject` batches can get there).
+    fn alloc_pkid(&mut self) -> Option<u16> {
+        for _ in FIRST_INJECT_PKID..=u16::MAX {
             let p = self.next_pkid;
             self.next_pkid = if p == u16::MAX { FIRST_INJECT_PKID } else { p + 1 };
             if !self.injected.contains_key(&p) {
-                return p;
+                return Some(p);
             }
         }
-        FIRST_INJECT_PKID
+        None
     }
 
-    /// Writes stored messages to this client only, oldest first.
-    fn inject_all(&mut self, found: Vec<(Arc<str>, u8, Vec<Injection>)>) {
+    /// Asks `feed` for its next page once fewer than a window of injected messages await
+    /// their ack (a QoS 0 page needs none; the socket write paces it).
+    fn ask_for_page(&self, feed: &mut Feed) {
+        if feed.asked || self.injected.len() >= INJECT_WINDOW {
+            return;
+        }
+        // Full cannot happen (one request at a time); closed means the reads are done, and
+        // the page channel then says so.
+        let _ = feed.want.try_send(());
+        feed.asked = true;
+    }
+
+    /// Writes stored messages to this client only, oldest first, at most the subscription's QoS.
+    fn inject(&mut self, sub_qos: u8, msgs: Vec<Injection>) {
         if self.recent_injected.len() > 100_000 {
             self.recent_injected.clear();
         }
-        for (_filter, sub_qos, msgs) in found {
-            for inj in msgs {
-                let qos = inj.msg.qos.min(sub_qos);
-                let pkid = if qos > 0 { self.alloc_pkid() } else { 0 };
-                let publish = wire::build_publish(inj.msg.topic.as_bytes(), &inj.msg.payload, qos, inj.retained, pkid);
-                self.write(Packet::Publish(publish, None));
-                if !inj.retained {
-                    self.recent_injected.insert(inj.msg.msgid);
+        for inj in msgs {
+            let mut qos = inj.msg.qos.min(sub_qos);
+            let pkid = if qos > 0 {
+                match self.alloc_pkid() {
+                    Some(p) => p,
+                    None => {
+                        static FULL: RateLimited = RateLimited::new();
+                        FULL.warn(|| {
+                            format!(
+                                "{}: every injection packet id awaits its ack; a stored message goes at QoS 0",
+                                self.client.clientid
+                            )
+                        });
+                        qos = 0;
+                        0
+                    }
                 }
-                let topic: Arc<str> = inj.msg.topic.as_str().into();
-                if qos > 0 {
-                    self.injected.insert(
-                        pkid,
-                        Injected {
-                            msgid: inj.msg.msgid,
-                            topic: topic.clone(),
-                        },
-                    );
-                }
-                if self.d.has(Hook::MessageDelivered) {
-                    let m = &inj.msg;
-                    let msg = Arc::new(Message {
-                        msgid: m.msgid,
-                        sender: m.sender.as_str().into(),
-                        username: None,
-                        topic,
-                        payload: m.payload.clone(),
-                        qos,
-                        retain: inj.retained,
-                        timestamp: m.arrived,
-                    });
-                    self.d.fire(&Event::Delivered {
-                        client: self.client.clone(),
-                        msg,
-                        qos,
-                    });
-                }
+            } else {
+                0
+            };
+            let publish = wire::build_publish(inj.msg.topic.as_bytes(), &inj.msg.payload, qos, inj.retained, pkid);
+            self.write(Packet::Publish(publish, None));
+            if !inj.retained {
+                self.recent_injected.insert(inj.msg.msgid);
+            }
+            let topic: Arc<str> = inj.msg.topic.as_str().into();
+            if qos > 0 {
+                self.injected.insert(
+                    pkid,
+                    Injected {
+                        msgid: inj.msg.msgid,
+                        topic: topic.clone(),
+                    },
+                );
+            }
+            if self.d.has(Hook::MessageDelivered) {
+                let m = &inj.msg;
+                let msg = Arc::new(Message {
+                    msgid: m.msgid,
+                    sender: m.sender.as_str().into(),
+                    username: None,
+                    topic,
+                    payload: m.payload.clone(),
+                    qos,
+                    retain: inj.retained,
+                    timestamp: m.arrived,
+                });
+                self.d.fire(&Event::Delivered {
+                    client: self.client.clone(),
+                    msg,
+                    qos,
+                });
             }
         }
     }
@@ -1076,17 +1144,10 @@ impl Session {
                 }
             }
             Control::Inject(msgs) => {
-                let found = msgs
-                    .into_iter()
-                    .map(|m| {
-                        (
-                            Arc::<str>::from(m.topic.as_str()),
-                            m.qos,
-                            vec![Injection { msg: m, retained: false }],
-                        )
-                    })
-                    .collect();
-                self.inject_all(found);
+                for m in msgs {
+                    let qos = m.qos;
+                    self.inject(qos, vec![Injection { msg: m, retained: false }]);
+                }
             }
         }
     }

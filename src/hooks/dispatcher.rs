@@ -6,12 +6,12 @@ use super::event::{now_ms, Client, Event, Hook, Message};
 use crate::actions::{Builtin, Command, Statement};
 use crate::backends::health::Admit;
 use crate::backends::queue::{timed, Job, RateLimited, Ticket, WriteQueue};
-use crate::backends::{BResult, Backend, FetchKind, FetchRequest, StoredMessage, WriteOp};
+use crate::backends::{BResult, Backend, Cursor, FetchKind, FetchRequest, Page, StoredMessage, WriteOp};
 use crate::config::{Action, Config, NoLoss, Rule};
 use crate::metrics::{Registry, RuleMetrics};
 use crate::topic;
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,46 @@ pub struct Injection {
     pub msg: StoredMessage,
     /// From a retained lookup: delivered with the retain flag.
     pub retained: bool,
+}
+
+/// What a new subscription gets from storage before its live traffic (SPEC §3.1, §3.2): its
+/// rules' reads, opened when it subscribed (pointers created, bounds fixed), then read a page
+/// at a time with [`Dispatcher::next_page`] as the subscriber acks.
+pub struct StoredReads {
+    client: Arc<Client>,
+    filter: Arc<str>,
+    reads: VecDeque<OpenRead>,
+    /// Msgids delivered so far, kept only when several reads may return the same message (two
+    /// pools storing the same publishes); at most [`MAX_SEEN`], then no longer deduplicated.
+    seen: Option<HashSet<(bool, u64)>>,
+}
+
+const MAX_SEEN: usize = 100_000;
+
+/// One rule's opened read.
+struct OpenRead {
+    pool: Arc<Pool>,
+    metrics: Arc<RuleMetrics>,
+    /// `None`: a retained lookup.
+    fetch: Option<FetchRequest>,
+    /// Messages the opening returned itself (the builtin backends return none).
+    first: Vec<StoredMessage>,
+    next: Option<Cursor>,
+}
+
+impl StoredReads {
+    pub fn filter(&self) -> &Arc<str> {
+        &self.filter
+    }
+}
+
+/// A subscription's stored messages could not be read: nothing is lost (pointers move only on
+/// acks), and the subscription's live traffic goes on.
+fn warn_unread(rule: &str, clientid: &str, filter: &str, e: &str) {
+    static SKIPPED: RateLimited = RateLimited::new();
+    SKIPPED.warn(|| {
+        format!("rule {rule}: stored messages for {clientid} on {filter:?} not read ({e}); live traffic goes on, a later subscription reads them")
+    });
 }
 
 pub struct Dispatcher {
@@ -307,16 +347,13 @@ impl Dispatcher {
         }
     }
 
-    /// `session.subscribed`'s reads: what must be delivered to this client before the
+    /// `session.subscribed`'s reads, opened: what must be delivered to this client before the
     /// subscription's live traffic (the hook's writes go through [`Dispatcher::fire`], in the
     /// client's event order). `is_new`: new in this session.
-    pub async fn subscribed(&self, client: &Arc<Client>, filter: &Arc<str>, qos: u8, is_new: bool) -> Vec<Injection> {
-        self.subscribed_after(client, filter, qos, is_new, Vec::new()).await
-    }
-
-    /// [`subscribed`](Self::subscribed), once the pointer writes in `pending` (this client's
-    /// unsubscribes of the same filter, still queued) are done, so the fetch never reads a
-    /// pointer that is about to be deleted. The wait is bounded by `persist.fetch_timeout`.
+    ///
+    /// The reads open once the pointer writes in `pending` (this client's unsubscribes of the
+    /// same filter, still queued) are done, so a fetch never reads a pointer that is about to be
+    /// deleted. The wait is bounded by `persist.fetch_timeout`.
     pub async fn subscribed_after(
         &self,
         client: &Arc<Client>,
@@ -324,15 +361,14 @@ impl Dispatcher {
         qos: u8,
         is_new: bool,
         pending: Vec<tokio::sync::watch::Receiver<()>>,
-    ) -> Vec<Injection> {
+    ) -> StoredReads {
         if !pending.is_empty() {
             let all = futures::future::join_all(pending.into_iter().map(|mut rx| async move { while rx.changed().await.is_ok() {} }));
             if tokio::time::timeout(self.fetch_timeout, all).await.is_err() {
                 tracing::debug!(clientid = %client.clientid, %filter, "an unsubscribe's pointer delete is still queued; fetching anyway");
             }
         }
-        let mut out: Vec<Injection> = Vec::new();
-        let mut seen = HashSet::new();
+        let mut reads = VecDeque::new();
         for b in self.rules(Hook::SessionSubscribed) {
             let Some(f) = b.rule.builtin().filter(|f| f.delivers_stored()) else {
                 continue;
@@ -350,43 +386,97 @@ impl Dispatcher {
                 continue;
             }
             RuleMetrics::inc(&b.metrics.matched);
-            let read = async {
-                if f == Builtin::RetainLookup {
-                    b.pool.backend.retained(filter).await
-                } else {
-                    let req = FetchRequest {
-                        clientid: client.clientid.clone(),
-                        filter: filter.clone(),
-                        kind,
-                        opts: b.rule.offline.clone(),
-                        now: now_ms(),
-                    };
-                    b.pool.backend.fetch(&req).await
+            let fetch = (f != Builtin::RetainLookup).then(|| FetchRequest {
+                clientid: client.clientid.clone(),
+                filter: filter.clone(),
+                kind,
+                opts: b.rule.offline.clone(),
+                now: now_ms(),
+            });
+            let open = async {
+                match &fetch {
+                    Some(req) => b.pool.backend.fetch(req, None).await,
+                    None => b.pool.backend.retained(filter, None).await,
                 }
             };
-            match self.read(&b.pool, Box::pin(read)).await {
-                Ok(msgs) => {
-                    RuleMetrics::inc(&b.metrics.success);
-                    let retained = f == Builtin::RetainLookup;
-                    out.extend(
-                        msgs.into_iter()
-                            .filter(|m| seen.insert((retained, m.msgid)))
-                            .map(|msg| Injection { msg, retained }),
-                    );
-                }
+            match self.read(&b.pool, Box::pin(open)).await {
+                Ok(Page { msgs, next }) if msgs.is_empty() && next.is_none() => RuleMetrics::inc(&b.metrics.success),
+                Ok(Page { msgs, next }) => reads.push_back(OpenRead {
+                    pool: b.pool.clone(),
+                    metrics: b.metrics.clone(),
+                    fetch,
+                    first: msgs,
+                    next,
+                }),
                 Err(e) => {
                     RuleMetrics::inc(&b.metrics.failed);
-                    static SKIPPED: RateLimited = RateLimited::new();
-                    SKIPPED.warn(|| {
-                        format!(
-                            "rule {}: stored messages for {} on {filter:?} not read ({e}); live traffic goes on, a later subscription reads them",
-                            b.metrics.label, client.clientid
-                        )
-                    });
+                    warn_unread(&b.metrics.label, &client.clientid, filter, &e);
                 }
             }
         }
-        out
+        StoredReads {
+            client: client.clone(),
+            filter: filter.clone(),
+            seen: (reads.len() > 1).then(HashSet::new),
+            reads,
+        }
+    }
+
+    /// The next page of a subscription's stored messages, oldest first per read; `None` once
+    /// every read is done. A page that fails ends its read (warned, counted): live traffic
+    /// goes on, and what was not delivered stays stored behind the pointer.
+    pub async fn next_page(&self, stored: &mut StoredReads) -> Option<Vec<Injection>> {
+        let StoredReads {
+            client,
+            filter,
+            reads,
+            seen,
+        } = stored;
+        loop {
+            let r = reads.front_mut()?;
+            let retained = r.fetch.is_none();
+            let msgs = if !r.first.is_empty() {
+                std::mem::take(&mut r.first)
+            } else if let Some(cursor) = r.next.clone() {
+                let page = async {
+                    match &r.fetch {
+                        Some(req) => r.pool.backend.fetch(req, Some(&cursor)).await,
+                        None => r.pool.backend.retained(filter, Some(&cursor)).await,
+                    }
+                };
+                match self.read(&r.pool, Box::pin(page)).await {
+                    Ok(page) => {
+                        r.next = page.next;
+                        page.msgs
+                    }
+                    Err(e) => {
+                        RuleMetrics::inc(&r.metrics.failed);
+                        warn_unread(&r.metrics.label, &client.clientid, filter, &e);
+                        reads.pop_front();
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            if r.first.is_empty() && r.next.is_none() {
+                RuleMetrics::inc(&r.metrics.success);
+                reads.pop_front();
+            }
+            let out: Vec<Injection> = msgs
+                .into_iter()
+                .filter(|m| match seen {
+                    Some(seen) if seen.len() < MAX_SEEN => seen.insert((retained, m.msgid)),
+                    Some(seen) => !seen.contains(&(retained, m.msgid)),
+                    None => true,
+                })
+                .map(|msg| Injection { msg, retained })
+                .collect();
+            // Empty pages (rows that did not match exactly) are not worth a trip to the caller.
+            if !out.is_empty() {
+                return Some(out);
+            }
+        }
     }
 
     /// A read for a subscribe/connect rule, bounded by `persist.fetch_timeout`. While the pool's
