@@ -145,20 +145,6 @@ async fn forged_internal_metadata_is_stripped_and_never_reaches_subscribers() {
     assert_eq!(user, vec![("w".to_string(), "1".to_string())]);
 }
 
-/// The next packet of a raw MQTT 5 connection.
-async fn read_v5(s: &mut tokio::net::TcpStream, rbuf: &mut BytesMut) -> Packet {
-    use rumqttd::protocol::v5::V5;
-    loop {
-        match V5.read_mut(rbuf, 1 << 20) {
-            Ok(p) => return p,
-            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
-                tokio::time::timeout(WAIT, s.read_buf(rbuf)).await.expect("a packet").unwrap();
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-}
-
 /// No PUBACK for a write that did not commit: a v5 publisher whose message a database refuses
 /// gets reason code 0x80 (QoS 1 and 2); a v3.1.1 publisher, which has no negative ack, is acked
 /// only once the message is in the dead-letter file, counted in the metrics.
@@ -176,23 +162,8 @@ async fn a_refused_write_is_never_acked_as_stored() {
     // MQTT 5: the refused message gets 0x80, the next one is acked as usual. (A raw client:
     // rumqttc ends its event loop on a failed PUBACK.)
     use rumqttd::protocol::{v5::V5, PubAckReason, PubRecReason};
-    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
-    let mut buf = BytesMut::new();
-    let hello = rumqttd::protocol::Connect {
-        keep_alive: 30,
-        client_id: unique("v5"),
-        clean_session: true,
-    };
-    V5.write(Packet::Connect(hello, None, None, None, None), &mut buf).unwrap();
-    s.write_all(&buf).await.unwrap();
+    let mut s = raw_v5_connect(b.addr, &unique("v5")).await;
     let mut rbuf = BytesMut::new();
-    // rumqttd's codec reads what a server receives: skip the CONNACK by its length.
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(head[0], 0x20, "CONNACK");
-    let mut body = vec![0u8; head[1] as usize];
-    s.read_exact(&mut body).await.unwrap();
-    assert_eq!(body[1], 0, "CONNACK success");
     for (pkid, qos, payload) in [(1, 1, "bad"), (2, 1, "good"), (3, 2, "bad"), (4, 2, "good")] {
         let mut out = BytesMut::new();
         let publish = mqtt_persist::broker::wire::build_publish(topic.as_bytes(), payload.as_bytes(), qos, false, pkid);
@@ -221,6 +192,34 @@ async fn a_refused_write_is_never_acked_as_stored() {
     assert!(rec["reason"].as_str().unwrap().contains("refused"), "{rec}");
     let text = metrics_text(metrics_port).await;
     assert!(text.contains("mqtt_persist_dead_letter_total 1"), "{text}");
+}
+
+/// Packets sent in the same write as CONNECT are handled at once, not when the client next
+/// sends something (a PUBLISH right behind CONNECT got its PUBACK only after a later packet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_sent_with_the_connect_are_handled_at_once() {
+    let (kit, b) = broker().await;
+    let topic = format!("{}/early", unique("p"));
+    let c = rumqttd::protocol::Connect {
+        keep_alive: 30,
+        client_id: unique("early"),
+        clean_session: true,
+    };
+    let publish = mqtt_persist::broker::wire::build_publish(topic.as_bytes(), b"first", 1, false, 7);
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(&v4_bytes(vec![
+        Packet::Connect(c, None, None, None, None),
+        Packet::Publish(publish, None),
+    ]))
+    .await
+    .unwrap();
+    let mut acks = [0u8; 8];
+    tokio::time::timeout(WAIT, s.read_exact(&mut acks))
+        .await
+        .expect("CONNACK and PUBACK")
+        .unwrap();
+    assert_eq!(acks, [0x20, 2, 0, 0, 0x40, 2, 0, 7]);
+    assert_eq!(kit.stored_count(&topic).await, 1, "acked after it was stored");
 }
 
 /// MQTT 1.5.4: no UTF-8 string holds U+0000. A client id or user name with one is refused at

@@ -372,8 +372,21 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let mut hold: Option<Feed> = None;
     let mut link_open = true;
     let mut need_wake = false;
+    // Packets the client sent right behind its CONNECT, read with it: handled at once, not
+    // when the client next sends something.
+    let mut leftover = !rbuf.is_empty();
     let result: Result<(), ConnError> = loop {
         tokio::select! {
+            _ = std::future::ready(()), if leftover => {
+                leftover = false;
+                if let Err(e) = s.read_packets(&mut rbuf).await {
+                    s.reason = "protocol_error";
+                    break Err(e);
+                }
+                if s.closing {
+                    break Ok(());
+                }
+            }
             r = reader.read_buf(&mut rbuf) => {
                 match r {
                     Ok(0) => { s.reason = "sock_closed"; break Ok(()); }
