@@ -696,8 +696,8 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
 }
 
 /// `max_returned_count`: 1..=u32::MAX, or `infinity` (EMQX's spelling) for no limit. 0 is refused
-/// rather than read as "no limit": the backends keep the newest N (`keep_newest`, the scan
-/// `limit`), so 0 would silently deliver no offline messages, while some users write 0 meaning
+/// rather than read as "no limit": a fetch delivers the newest N, so 0 would silently deliver
+/// no offline messages, while some users write 0 meaning
 /// unlimited; either reading would surprise someone.
 fn parse_max_returned_count(s: &str) -> Result<Option<u32>, String> {
     let s = s.trim().trim_matches('"');

@@ -442,3 +442,46 @@ pub fn skipped(db: &str) -> bool {
         .split(',')
         .any(|s| s.trim() == db)
 }
+
+/// A raw MQTT 5 connection whose CONNACK (a success) was read. rumqttd's codec only decodes
+/// what a server receives, so the CONNACK is skipped by its length.
+pub async fn raw_v5_connect(addr: SocketAddr, id: &str) -> tokio::net::TcpStream {
+    use rumqttd::protocol::v5::V5;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let hello = rumqttd::protocol::Connect {
+        keep_alive: 30,
+        client_id: id.into(),
+        clean_session: true,
+    };
+    V5.write(rumqttd::protocol::Packet::Connect(hello, None, None, None, None), &mut buf)
+        .unwrap();
+    s.write_all(&buf).await.unwrap();
+    let mut head = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("CONNACK")
+        .unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK");
+    let mut body = vec![0u8; head[1] as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(body[1], 0, "CONNACK success");
+    s
+}
+
+/// The next packet a raw MQTT 5 connection receives (acks; not CONNACK, see above).
+pub async fn read_v5(s: &mut tokio::net::TcpStream, rbuf: &mut bytes::BytesMut) -> rumqttd::protocol::Packet {
+    use rumqttd::protocol::v5::V5;
+    loop {
+        match V5.read_mut(rbuf, 1 << 20) {
+            Ok(p) => return p,
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
+                tokio::time::timeout(Duration::from_secs(10), s.read_buf(rbuf))
+                    .await
+                    .expect("a packet")
+                    .unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

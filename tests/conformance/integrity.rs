@@ -59,7 +59,7 @@ pub async fn unsubscribe_then_subscribe_keeps_the_new_subscriptions_pointer<K: K
 pub async fn a_refused_write_is_never_acked_as_stored<K: Kit>() {
     use bytes::BytesMut;
     use rumqttd::protocol::{v5::V5, Packet, Protocol, PubAckReason};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let kit = K::new().await;
     let db = K::DB;
     let conf = format!(
@@ -69,21 +69,8 @@ pub async fn a_refused_write_is_never_acked_as_stored<K: Kit>() {
     );
     let broker = BrokerProc::start(K::DB, &conf);
     let topic = format!("refuse/{}", unique("x"));
-    let mut s = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let mut s = raw_v5_connect(broker.addr, &unique("v5")).await;
     let mut out = BytesMut::new();
-    let hello = rumqttd::protocol::Connect {
-        keep_alive: 30,
-        client_id: unique("v5"),
-        clean_session: true,
-    };
-    V5.write(Packet::Connect(hello, None, None, None, None), &mut out).unwrap();
-    s.write_all(&out).await.unwrap();
-    // CONNACK (skipped by its length: rumqttd's codec reads what a server receives).
-    let mut head = [0u8; 2];
-    tokio::time::timeout(WAIT, s.read_exact(&mut head)).await.unwrap().unwrap();
-    let mut rest = vec![0u8; head[1] as usize];
-    s.read_exact(&mut rest).await.unwrap();
-    out.clear();
     for (pkid, payload) in [(1, "bad"), (2, "good")] {
         let p = mqtt_persist::broker::wire::build_publish(topic.as_bytes(), payload.as_bytes(), 1, false, pkid);
         V5.write(Packet::Publish(p, None), &mut out).unwrap();
@@ -92,13 +79,9 @@ pub async fn a_refused_write_is_never_acked_as_stored<K: Kit>() {
     let mut rbuf = BytesMut::new();
     let mut acks = Vec::new();
     while acks.len() < 2 {
-        match V5.read_mut(&mut rbuf, 1 << 20) {
-            Ok(Packet::PubAck(a, _)) => acks.push((a.pkid, a.reason == PubAckReason::Success)),
-            Ok(other) => panic!("{other:?}"),
-            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
-                tokio::time::timeout(WAIT, s.read_buf(&mut rbuf)).await.expect("an ack").unwrap();
-            }
-            Err(e) => panic!("{e}"),
+        match read_v5(&mut s, &mut rbuf).await {
+            Packet::PubAck(a, _) => acks.push((a.pkid, a.reason == PubAckReason::Success)),
+            other => panic!("{other:?}"),
         }
     }
     acks.sort();
@@ -111,5 +94,8 @@ pub async fn a_refused_write_is_never_acked_as_stored<K: Kit>() {
     })
     .await;
     let rec: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert_eq!((rec["message"]["topic"].as_str(), rec["message"]["payload"].as_str()), (Some(topic.as_str()), Some("YmFk")));
+    assert_eq!(
+        (rec["message"]["topic"].as_str(), rec["message"]["payload"].as_str()),
+        (Some(topic.as_str()), Some("YmFk"))
+    );
 }
