@@ -11,7 +11,7 @@ use crate::backends::queue::RateLimited;
 use crate::metrics::Registry;
 use parking_lot::Mutex;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct DeadLetter {
@@ -27,10 +27,6 @@ impl DeadLetter {
             file: Mutex::new(None),
             metrics,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Appends one record with `at` and `reason` added, synced to disk. Counted, and logged at

@@ -26,7 +26,8 @@ pub type Outcome = Result<(), Arc<str>>;
 pub struct Ticket {
     seq: u64,
     done: Option<mpsc::UnboundedSender<(u64, Outcome)>>,
-    failure: parking_lot::Mutex<Option<Arc<str>>>,
+    /// Set once, by the first write that did not commit.
+    failure: std::sync::OnceLock<Arc<str>>,
     /// Closed (dropped) when the writes are done, for any number of waiters.
     _signal: Option<tokio::sync::watch::Sender<()>>,
 }
@@ -36,7 +37,7 @@ impl Ticket {
         Arc::new(Ticket {
             seq,
             done: Some(done),
-            failure: parking_lot::Mutex::new(None),
+            failure: std::sync::OnceLock::new(),
             _signal: None,
         })
     }
@@ -48,7 +49,7 @@ impl Ticket {
         let t = Ticket {
             seq: 0,
             done: None,
-            failure: parking_lot::Mutex::new(None),
+            failure: std::sync::OnceLock::new(),
             _signal: Some(tx),
         };
         (Arc::new(t), rx)
@@ -56,13 +57,13 @@ impl Ticket {
 
     /// Marks the message as not stored (the first reason is kept).
     pub fn fail(&self, reason: &str) {
-        self.failure.lock().get_or_insert_with(|| reason.into());
+        let _ = self.failure.set(reason.into());
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let outcome = match self.failure.lock().take() {
+        let outcome = match self.failure.take() {
             None => Ok(()),
             Some(reason) => Err(reason),
         };
