@@ -20,16 +20,20 @@ async fn broker() -> (SqliteKit, BrokerProc) {
     (kit, b)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt5_clients_keep_their_user_properties_and_never_see_internal_ones() {
-    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties};
+/// An MQTT 5 rumqttc client whose incoming publishes arrive on the receiver.
+fn v5_subscriber(
+    port: u16,
+    id: &str,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    let (_kit, b) = broker().await;
-    let topic = format!("{}/v5", unique("p"));
-    let mut o = MqttOptions::new(unique("v5sub"), "127.0.0.1", b.port());
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30));
-    let (sub, mut el) = AsyncClient::new(o, 100);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (client, mut el) = AsyncClient::new(o, 100);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(ev) = el.poll().await {
             if let Event::Incoming(P5::Publish(p)) = ev {
@@ -37,6 +41,16 @@ async fn mqtt5_clients_keep_their_user_properties_and_never_see_internal_ones() 
             }
         }
     });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_clients_keep_their_user_properties_and_never_see_internal_ones() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/v5", unique("p"));
+    let (sub, mut rx) = v5_subscriber(b.port(), &unique("v5sub"));
     sub.subscribe(&topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut o = MqttOptions::new(unique("v5pub"), "127.0.0.1", b.port());
@@ -63,9 +77,9 @@ async fn mqtt5_clients_keep_their_user_properties_and_never_see_internal_ones() 
 /// its will.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_internal_metadata_is_stripped_and_never_reaches_subscribers() {
-    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet as P5, PublishProperties};
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, PublishProperties};
     use rumqttc::v5::mqttbytes::QoS as Q5;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::v5::{AsyncClient, MqttOptions};
     let kit = SqliteKit::new().await;
     // Acks record the msgid the broker carried to the subscriber.
     let conf = format!(
@@ -76,17 +90,7 @@ async fn forged_internal_metadata_is_stripped_and_never_reaches_subscribers() {
     let base = unique("forge");
     let forged = || ("mqtt-persist-meta".to_string(), "1:0:victim".to_string());
     let sub_id = unique("v5sub");
-    let mut o = MqttOptions::new(sub_id.clone(), "127.0.0.1", b.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    let (sub, mut el) = AsyncClient::new(o, 100);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = el.poll().await {
-            if let Event::Incoming(P5::Publish(p)) = ev {
-                let _ = tx.send(p);
-            }
-        }
-    });
+    let (sub, mut rx) = v5_subscriber(b.port(), &sub_id);
     sub.subscribe(format!("{base}/#"), Q5::AtLeastOnce).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pub_id = unique("v5pub");

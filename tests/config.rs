@@ -642,8 +642,7 @@ fn test_ca(name: &str) -> tempfile::TempDir {
 
 #[test]
 fn postgres_tls_modes_check_what_they_promise() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql TLS test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "TLS test") {
         return;
     }
     let (certs, other) = (test_ca("mqtt-persist test CA"), test_ca("some other CA"));
@@ -680,8 +679,7 @@ fn postgres_tls_modes_check_what_they_promise() {
 
 #[test]
 fn ssl_mode_require_fails_against_a_server_without_tls() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql TLS test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "TLS test") {
         return;
     }
     let pg = common::servers::PgServer::start();
@@ -697,8 +695,7 @@ fn ssl_mode_require_fails_against_a_server_without_tls() {
 
 #[test]
 fn redis_tls_checks_the_servers_certificate() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis TLS test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "TLS test") {
         return;
     }
     let (certs, other) = (test_ca("mqtt-persist test CA"), test_ca("some other CA"));

@@ -37,8 +37,7 @@ async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_kill_loses_no_acknowledged_message_and_drops_no_client() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "fault test") {
         return;
     }
     let pg = PgServer::start();
@@ -69,8 +68,7 @@ async fn a_postgres_kill_loses_no_acknowledged_message_and_drops_no_client() {
 /// timeout, and after the thaw every acknowledged message is a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_postgres_opens_the_circuit_and_nothing_waits_on_it() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "fault test") {
         return;
     }
     let pg = std::sync::Arc::new(PgServer::start());
@@ -214,8 +212,7 @@ async fn redis_stored(conn: &redis::aio::MultiplexedConnection, topic: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_keeps_clients_connected_and_writes_resume() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis fault test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "fault test") {
         return;
     }
     let redis = std::sync::Arc::new(std::sync::Mutex::new(RedisServer::start()));
@@ -242,8 +239,7 @@ async fn a_redis_restart_keeps_clients_connected_and_writes_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "fault test") {
         return;
     }
     let (pg, db) = throwaway_pg(mqtt_persist::backends::pgsql::SCHEMA).await;
@@ -311,8 +307,7 @@ async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_starts_while_redis_is_down_and_catches_up() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis fault test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "fault test") {
         return;
     }
     let mut redis = RedisServer::start();
@@ -401,8 +396,7 @@ fn acking_client(port: u16) -> (rumqttc::AsyncClient, tokio::sync::mpsc::Unbound
 /// before it in the same action's list — so a custom statement that ran is not run twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_mid_batch_does_not_rerun_committed_statements() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql fault test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "fault test") {
         return;
     }
     let (pg, db) = throwaway_pg("CREATE TABLE seen (p text); CREATE TABLE killed (n int); CREATE SEQUENCE kills").await;
@@ -450,8 +444,7 @@ async fn a_connection_lost_mid_batch_does_not_rerun_committed_statements() {
 /// writer goes on (it used to take the conversion error for an outage and retry it forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_the_column_refuses_is_counted_and_the_writer_goes_on() {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "test") {
         return;
     }
     let (pg, db) = throwaway_pg("CREATE TABLE words (w text); CREATE TABLE seen (c text)").await;
@@ -495,8 +488,7 @@ async fn a_value_the_column_refuses_is_counted_and_the_writer_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unexpected_column_types_in_replies_are_errors_not_panics() {
     use common::kits::{Kit, PgKit};
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "test") {
         return;
     }
     let kit = PgKit::new().await;

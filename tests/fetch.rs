@@ -21,18 +21,6 @@ const PAGE: usize = 256;
 const WINDOW: usize = 256;
 const N: usize = 3000;
 
-fn sqlite_pointer(kit: &SqliteKit, clientid: &str, filter: &str) -> Option<i64> {
-    use rusqlite::OptionalExtension;
-    kit.conn()
-        .query_row(
-            "SELECT mid FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2",
-            [clientid, filter],
-            |r| r.get(0),
-        )
-        .optional()
-        .unwrap()
-}
-
 fn sqlite_count(kit: &SqliteKit) -> usize {
     kit.conn()
         .query_row("SELECT count(*) FROM mqtt_msg", [], |r| r.get::<_, i64>(0))
@@ -79,10 +67,7 @@ async fn a_hash_subscriber_gets_thousands_of_stored_messages_once_in_order() {
     let id = unique("dev");
     let first = connect(broker.addr, &id, true).await;
     first.subscribe("#", QoS::AtLeastOnce).await;
-    eventually("the first subscription's pointer", WAIT, || async {
-        sqlite_pointer(&kit, &id, "#")
-    })
-    .await;
+    eventually("the first subscription's pointer", WAIT, || async { kit.pointer(&id, "#").await }).await;
     first.disconnect().await;
     let base = unique("h");
     publish_many(broker.addr, &base, 3, N).await;
@@ -102,7 +87,7 @@ async fn a_hash_subscriber_gets_thousands_of_stored_messages_once_in_order() {
         })
         .unwrap();
     eventually("the pointer at the newest delivered msgid", WAIT, || async {
-        sqlite_pointer(&kit, &id, "#").filter(|&p| p >= newest)
+        kit.pointer(&id, "#").await.filter(|&p| p >= newest)
     })
     .await;
 }
@@ -195,7 +180,7 @@ async fn a_subscriber_that_does_not_ack_holds_at_most_a_window_and_a_page() {
     let first = connect(broker.addr, &id, true).await;
     first.subscribe(&filter, QoS::AtLeastOnce).await;
     eventually("the first subscription's pointer", WAIT, || async {
-        sqlite_pointer(&kit, &id, &filter)
+        kit.pointer(&id, &filter).await
     })
     .await;
     first.disconnect().await;
@@ -308,8 +293,7 @@ async fn hgetall_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 /// tests at the same time), so every HGETALL counted is this broker's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_redis_a_fetch_loads_only_what_it_delivers() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let server = RedisServer::start();

@@ -13,8 +13,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// type, with prepared statements and without (`prepare = off`, for PgBouncer): numbers, text,
 /// bytes, times, dates, floats, numeric, uuid, inet, interval, json and jsonb.
 async fn every_common_column_type_binds(prepare: bool) {
-    if skipped("pgsql") {
-        eprintln!("SKIPPED: pgsql test (MQTT_PERSIST_SKIP)");
+    if skip("pgsql", "test") {
         return;
     }
     let kit = PgKit::new().await;

@@ -11,8 +11,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_channel_subscribes_a_live_client() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let kit = RedisKit::new().await;
@@ -52,8 +51,7 @@ async fn the_control_channel_subscribes_a_live_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_messages_follow_the_emqx_key_layout_with_exact_ordering() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let kit = RedisKit::new().await;
@@ -88,8 +86,7 @@ async fn stored_messages_follow_the_emqx_key_layout_with_exact_ordering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_id_with_spaces_cannot_add_command_arguments() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let kit = RedisKit::new().await;
@@ -114,8 +111,7 @@ async fn a_client_id_with_spaces_cannot_add_command_arguments() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_pool_writes_to_the_master_the_sentinel_names() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let master = common::servers::RedisServer::start();
@@ -145,8 +141,7 @@ async fn a_sentinel_pool_writes_to_the_master_the_sentinel_names() {
 /// messages would stall the server): 2500 old messages of one topic all go, hashes included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_ttl_cleanup_deletes_more_than_one_chunk() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let kit = RedisKit::alone().await;
@@ -169,8 +164,7 @@ async fn message_ttl_cleanup_deletes_more_than_one_chunk() {
 /// monotonic like the SQL backends': an older message (a replay) never replaces a newer one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_carry_expired_time_and_never_go_back_to_an_older_message() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let kit = RedisKit::new().await;
@@ -209,8 +203,7 @@ async fn retained_messages_carry_expired_time_and_never_go_back_to_an_older_mess
 /// whether a list has the leading "pipeline" element or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_command_in_a_list_is_skipped_and_every_other_runs_once_in_order() {
-    if skipped("redis") {
-        eprintln!("SKIPPED: redis test (MQTT_PERSIST_SKIP)");
+    if skip("redis", "test") {
         return;
     }
     let kit = RedisKit::new().await;

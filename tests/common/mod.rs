@@ -435,6 +435,16 @@ where
     }
 }
 
+/// True (and says so on stderr) when the suite was told to skip `db`; the test then returns.
+/// Otherwise the test goes on and fails loudly if the server is unreachable.
+pub fn skip(db: &str, what: &str) -> bool {
+    let skip = skipped(db);
+    if skip {
+        eprintln!("SKIPPED: {db} {what} (MQTT_PERSIST_SKIP)");
+    }
+    skip
+}
+
 /// Backends the suite was told to skip: `MQTT_PERSIST_SKIP=pgsql,redis`.
 pub fn skipped(db: &str) -> bool {
     std::env::var("MQTT_PERSIST_SKIP")

@@ -67,7 +67,21 @@ pub async fn retained_message_survives_a_broker_restart<K: Kit>() {
     // Named clients: a broker-assigned id would be a key no kit knows to clean up.
     let (pub_id, sub_id) = (unique("mpub"), unique("msub"));
     let st = std::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-i", &pub_id, "-t", &topic, "-m", "21.5", "-r", "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            &pub_id,
+            "-t",
+            &topic,
+            "-m",
+            "21.5",
+            "-r",
+            "-q",
+            "1",
+        ])
         .status()
         .expect("mosquitto_pub installed");
     assert!(st.success());
