@@ -49,6 +49,9 @@ fn main() {
         if all || which.contains(&"latency") {
             latency().await;
         }
+        if all || which.contains(&"fetch") {
+            fetch().await;
+        }
         if all || which.contains(&"memory") {
             memory().await;
         }
@@ -757,4 +760,76 @@ async fn memory() {
     }
     let grown = rss_kb().saturating_sub(base) as f64 / 1024.0;
     println!("| memory | idle connection (client and server side in one process): {per_conn:.0} B each | RSS growth after 1.2M routed QoS1 {PAYLOAD} B messages: {grown:.0} MiB | – |");
+}
+
+/// Offline delivery: 10k QoS1 messages stored behind a subscriber's read pointer, delivered on
+/// its next subscription (fetch, paged, acked as they come) vs the same 10k delivered live
+/// through the same broker, per database.
+async fn fetch() {
+    let n = 10_000u64;
+    let rules = |pool: &str, db: &str| {
+        format!(
+            "backend.{db}.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \"pool\": \"{pool}\"}}\n\
+             backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"max_returned_count\": \"infinity\"}}, \"pool\": \"{pool}\"}}\n\
+             backend.{db}.hook.message.acked.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_acked\"}}, \"pool\": \"{pool}\"}}\n"
+        )
+    };
+    for db in ["sqlite", "pgsql", "redis"] {
+        let mut pg = None;
+        let plugin = match db {
+            "sqlite" => format!("backend.sqlite.pool1.path = data/fetch.db\n{}", rules("pool1", "sqlite")),
+            "redis" => {
+                redis_flushed().await;
+                let info = redis_info();
+                let server = match info.addr {
+                    redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
+                    _ => "127.0.0.1:6379".into(),
+                };
+                format!(
+                    "backend.redis.pool1.server = {server}\nbackend.redis.pool1.database = {}\n{}",
+                    info.redis.db,
+                    rules("pool1", "redis")
+                )
+            }
+            _ => {
+                let (name, client, pool) = pg_fresh_db().await;
+                pg = Some((name, client));
+                format!("{pool}{}", rules("pool1", "pgsql"))
+            }
+        };
+        let (_d, ours) = our_broker(Some((db, plugin)), "").await;
+        let tag = format!("{db}{}", mqtt_persist::hooks::now_ms());
+        let filter = format!("bench/fetch/{tag}/#");
+        let topic = format!("bench/fetch/{tag}/t");
+        let sub_id = format!("fetch-{tag}");
+        // The first subscription creates the read pointer; then the subscriber goes away.
+        let mut s = Raw::connect(ours.addr, &sub_id).await;
+        s.subscribe(&filter, RQoS::AtLeastOnce).await;
+        drop(s);
+        let epoch = Instant::now();
+        publisher(Raw::connect(ours.addr, &format!("fp-{tag}")).await, &topic, n, 1, 100, None, epoch).await;
+        let mut s = Raw::connect(ours.addr, &sub_id).await;
+        let t0 = Instant::now();
+        s.subscribe(&filter, RQoS::AtLeastOnce).await;
+        let done = subscriber(s, n, epoch, None).await;
+        let fetched = n as f64 / (done - t0).as_secs_f64();
+        let live = pub_sub(ours.addr, n, 1, &format!("l{tag}")).await;
+        drop(ours);
+        match pg {
+            Some((name, client)) => {
+                drop(client);
+                pg_drop_db(&name).await;
+            }
+            None if db == "redis" => drop(redis_flushed().await),
+            None => {}
+        }
+        row(
+            &format!("{db}: {n} stored QoS1 messages fetched on subscribe (paged, acked)"),
+            "fetch",
+            fetched,
+            "live delivery, same broker",
+            live,
+            "msg/s",
+        );
+    }
 }
