@@ -263,7 +263,7 @@ async fn publisher(p: Raw, topic: &str, n: u64, qos: u8, window: u64, rate: Opti
 
 /// Messages per second for `pubs` publishers → 1 subscriber (QoS `qos`) through `addr`.
 async fn pub_sub(addr: SocketAddr, n: u64, qos: u8, tag: &str) -> f64 {
-    let topic = format!("bench/{tag}/{}", mqtt_persist::hooks::now_ms());
+    let topic = format!("bench/{tag}/{}", mqtt_persist::model::now_ms());
     let mut sub = Raw::connect(addr, &format!("sub-{tag}")).await;
     sub.subscribe(&topic, if qos == 0 { RQoS::AtMostOnce } else { RQoS::AtLeastOnce })
         .await;
@@ -414,7 +414,7 @@ async fn pg_fresh_db() -> (String, tokio_postgres::Client, String) {
     let mut cfg: tokio_postgres::Config = pg_url().parse().unwrap();
     let (admin, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("PostgreSQL");
     tokio::spawn(conn);
-    let db = format!("mp_bench_{}", mqtt_persist::hooks::now_ms());
+    let db = format!("mp_bench_{}", mqtt_persist::model::now_ms());
     admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
     cfg.dbname(&db);
     let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
@@ -469,7 +469,7 @@ async fn pgsql() {
     let ids = mqtt_persist::broker::engine::MsgIdGen::new(9);
     for _ in 0..n / 1000 {
         let msgids: Vec<i64> = (0..1000).map(|_| ids.next() as i64).collect();
-        let now = mqtt_persist::hooks::now_ms();
+        let now = mqtt_persist::model::now_ms();
         c.execute(
             &st,
             &[
@@ -529,7 +529,7 @@ async fn redis_bench() {
     let n = 200_000u64;
     let payload = [b'x'; PAYLOAD];
     let ids = mqtt_persist::broker::engine::MsgIdGen::new(9);
-    let topic = format!("bench/ceiling/{}", mqtt_persist::hooks::now_ms());
+    let topic = format!("bench/ceiling/{}", mqtt_persist::model::now_ms());
     let t0 = Instant::now();
     for _ in 0..n / 1000 {
         // The same keys the broker writes, with per-topic commands grouped per batch.
@@ -570,7 +570,7 @@ async fn redis_bench() {
     }
     let ceiling = n as f64 / t0.elapsed().as_secs_f64();
     let (_d, ours) = our_broker(Some(("redis", redis_plugin())), "").await;
-    let tag = format!("rd{}", mqtt_persist::hooks::now_ms());
+    let tag = format!("rd{}", mqtt_persist::model::now_ms());
     let rate = persisted(ours.addr, 4, n / 4, &tag).await;
     let mut stored = 0i64;
     for i in 0..4 {
@@ -798,7 +798,7 @@ async fn fetch() {
             }
         };
         let (_d, ours) = our_broker(Some((db, plugin)), "").await;
-        let tag = format!("{db}{}", mqtt_persist::hooks::now_ms());
+        let tag = format!("{db}{}", mqtt_persist::model::now_ms());
         let filter = format!("bench/fetch/{tag}/#");
         let topic = format!("bench/fetch/{tag}/t");
         let sub_id = format!("fetch-{tag}");

@@ -1,11 +1,12 @@
 //! Wiring: configuration → pools and queues → dispatcher → engine → listener.
 //! Used by `mqtt-persist run` and by the tests, which start brokers in-process on port 0.
 
-use crate::backends::deadletter::DeadLetter;
 use crate::backends::queue::{Spool, WriteQueue, WriterConf};
+use crate::backends::Pool;
 use crate::broker::{self, Engine};
 use crate::config::{ConfError, Config};
-use crate::hooks::{Dispatcher, Pool};
+use crate::deadletter::DeadLetter;
+use crate::hooks::Dispatcher;
 use crate::metrics::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -106,7 +107,7 @@ fn spawn_ttl_cleanup(pool: std::sync::Weak<Pool>, ttl: std::time::Duration) {
         loop {
             tokio::time::sleep(every).await;
             let Some(p) = pool.upgrade() else { return };
-            let before = crate::hooks::now_ms() - ttl.as_millis() as i64;
+            let before = crate::model::now_ms() - ttl.as_millis() as i64;
             match p.backend.delete_expired(before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(pool = p.backend.label(), deleted = n, "expired stored messages removed"),

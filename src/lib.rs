@@ -8,8 +8,11 @@ pub mod app;
 pub mod backends;
 pub mod broker;
 pub mod config;
+pub mod deadletter;
 pub mod hooks;
 pub mod metrics;
+pub mod model;
+pub mod ratelimit;
 pub mod topic;
 
 /// `mqtt-persist schema print <db>`.

@@ -1,7 +1,6 @@
-//! What rules do: builtin functions and compiled statement templates.
+//! `${var}` templates compiled once at load time into bind parameters (each backend compiles
+//! its rules' own statements with them).
 
-mod builtin;
 mod template;
 
-pub use builtin::Builtin;
 pub use template::{Arg, Command, KeyPart, ParamStyle, Statement, TemplateError};

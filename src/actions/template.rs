@@ -2,7 +2,7 @@
 //! rendered with values: SQL/CQL placeholders become `$n` or `?`, Redis command tokens become
 //! separate binary-safe arguments.
 
-use crate::hooks::{Event, Hook, Value, Var};
+use crate::model::{Event, Hook, Value, Var};
 use std::sync::Arc;
 
 /// How a database spells positional parameters.

@@ -6,17 +6,18 @@
 
 use crate::actions::{Command, Statement};
 use crate::config::{OfflineOpts, PoolConf};
-use crate::hooks::{Message, Value};
-use bytes::Bytes;
+use crate::model::{Message, StoredMessage, Value};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub mod b64;
-pub mod deadletter;
+pub use crate::model::ControlSink;
+pub use pool::Pool;
+
 pub mod health;
 #[cfg(feature = "pgsql")]
 pub mod pgsql;
+mod pool;
 pub mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -104,18 +105,6 @@ impl WriteOp {
             other => other.clone(),
         }
     }
-}
-
-/// A message read back from a database.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredMessage {
-    pub msgid: u64,
-    pub sender: String,
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: u8,
-    pub retain: bool,
-    pub arrived: i64,
 }
 
 /// Which stored-message model a fetch uses.
@@ -220,9 +209,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Start listening for server-side commands (Redis control channel), once the broker runs.
     fn start_control(&self, _sink: ControlSink) {}
 }
-
-/// Where control commands go: `(clientid, command)`, true if that client is connected here.
-pub type ControlSink = Arc<dyn Fn(&str, crate::broker::Control) -> bool + Send + Sync>;
 
 /// Build a backend for a pool. `data_dir` anchors relative SQLite paths.
 pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<dyn Backend>, crate::config::ConfError> {
@@ -495,6 +481,7 @@ async fn page<S: Source + ?Sized>(src: &S, table: Table, filter: &str, span: Spa
 #[cfg(test)]
 mod paging_tests {
     use super::*;
+    use bytes::Bytes;
     use parking_lot::Mutex;
 
     /// An in-memory table: the SQL backends' contract (a prefix-narrowed superset, LIMIT rows).
@@ -659,5 +646,65 @@ mod paging_tests {
             cur = p.next;
         }
         assert_eq!(n, 2000 - 2000 / 3);
+    }
+}
+
+#[cfg(test)]
+mod spool_format_tests {
+    use super::WriteOp;
+    use crate::model::{Message, Value};
+    use std::sync::Arc;
+
+    fn message(payload: &[u8]) -> Arc<Message> {
+        Arc::new(Message {
+            msgid: 42,
+            sender: "dev\"1".into(),
+            username: None,
+            topic: "a/b".into(),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            qos: 1,
+            retain: false,
+            timestamp: 7,
+        })
+    }
+
+    #[test]
+    fn payloads_are_base64_in_the_spool_and_round_trip_verbatim() {
+        let payload: Vec<u8> = (0..=255u8).chain(*b"'\"\\\n{}").collect();
+        let ops = vec![
+            WriteOp::RetainUpsert {
+                msg: message(&payload),
+                ttl: std::time::Duration::ZERO,
+            },
+            WriteOp::Statements {
+                stmts: Arc::from(Vec::new()),
+                params: vec![vec![Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")), Value::Int(1)]],
+            },
+        ];
+        let line = serde_json::to_string(&ops).unwrap();
+        assert!(
+            line.len() < 2 * payload.len() + 300,
+            "compact: {} bytes for a {} byte payload",
+            line.len(),
+            payload.len()
+        );
+        let back: Vec<WriteOp> = serde_json::from_str(&line).unwrap();
+        match (&back[0], &back[1]) {
+            (WriteOp::RetainUpsert { msg, .. }, WriteOp::Statements { params, .. }) => {
+                assert_eq!(&msg.payload[..], &payload[..]);
+                assert_eq!(params[0][0], Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn spools_written_with_number_arrays_still_read() {
+        let old = r#"[{"RetainUpsert":{"msg":{"msgid":42,"sender":"d","username":null,"topic":"a/b","payload":[104,105,0,255],"qos":1,"retain":false,"timestamp":7}}}]"#;
+        let back: Vec<WriteOp> = serde_json::from_str(old).unwrap();
+        match &back[0] {
+            WriteOp::RetainUpsert { msg, .. } => assert_eq!(&msg.payload[..], b"hi\x00\xff"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::actions::Statement;
 use crate::config::{ConfError, PoolConf};
-use crate::hooks::{Message, Value};
+use crate::model::{Message, Value};
 use crate::topic;
 use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};

@@ -6,72 +6,17 @@
 //! carry a [`Ticket`]; the ticket fires when every job holding it is done, which is how the
 //! no-loss mode sends a PUBACK only after the message is committed.
 
-use super::deadletter::DeadLetter;
 use super::health::{jitter, Health, MAX_BACKOFF, MIN_BACKOFF};
 use super::{BResult, Backend, BackendError, WriteOp};
+use crate::deadletter::DeadLetter;
 use crate::metrics::{PoolMetrics, RuleMetrics};
+use crate::model::Ticket;
+use crate::ratelimit::RateLimited;
 use futures::future::BoxFuture;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// What became of the writes holding one ticket: `Ok` when every one committed, `Err` with
-/// the first reason when any was refused or could not be queued.
-pub type Outcome = Result<(), Arc<str>>;
-
-/// Fires `done(seq, outcome)` on the owning connection when the last clone is dropped. A write
-/// that did not commit [`fail`](Ticket::fail)s it first, so the publisher is never acked for it.
-#[derive(Debug)]
-pub struct Ticket {
-    seq: u64,
-    done: Option<mpsc::UnboundedSender<(u64, Outcome)>>,
-    /// Set once, by the first write that did not commit.
-    failure: std::sync::OnceLock<Arc<str>>,
-    /// Closed (dropped) when the writes are done, for any number of waiters.
-    _signal: Option<tokio::sync::watch::Sender<()>>,
-}
-
-impl Ticket {
-    pub fn new(seq: u64, done: mpsc::UnboundedSender<(u64, Outcome)>) -> Arc<Ticket> {
-        Arc::new(Ticket {
-            seq,
-            done: Some(done),
-            failure: std::sync::OnceLock::new(),
-            _signal: None,
-        })
-    }
-
-    /// A ticket that only signals completion (committed or not): the receiver's `changed()`
-    /// errs once every write holding it is done.
-    pub fn watched() -> (Arc<Ticket>, tokio::sync::watch::Receiver<()>) {
-        let (tx, rx) = tokio::sync::watch::channel(());
-        let t = Ticket {
-            seq: 0,
-            done: None,
-            failure: std::sync::OnceLock::new(),
-            _signal: Some(tx),
-        };
-        (Arc::new(t), rx)
-    }
-
-    /// Marks the message as not stored (the first reason is kept).
-    pub fn fail(&self, reason: &str) {
-        let _ = self.failure.set(reason.into());
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let outcome = match self.failure.take() {
-            None => Ok(()),
-            Some(reason) => Err(reason),
-        };
-        if let Some(done) = &self.done {
-            let _ = done.send((self.seq, outcome));
-        }
-    }
-}
 
 impl Job {
     /// This job's write did not commit: its ticket (if any) must not ack the publisher.
@@ -191,29 +136,6 @@ impl WriteQueue {
     /// Free slots left (for metrics and tests).
     pub fn room(&self) -> usize {
         self.tx.capacity()
-    }
-}
-
-/// A warning logged at most once per 5 s (an outage would otherwise flood the log); one
-/// `static` per kind of warning, so one kind never hides another.
-pub(crate) struct RateLimited(std::sync::atomic::AtomicU64, u64);
-
-impl RateLimited {
-    pub(crate) const fn new() -> RateLimited {
-        Self::every(5000)
-    }
-
-    /// At most once per `ms` milliseconds.
-    pub(crate) const fn every(ms: u64) -> RateLimited {
-        RateLimited(std::sync::atomic::AtomicU64::new(0), ms)
-    }
-
-    pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
-        let now = crate::hooks::now_ms() as u64;
-        let last = self.0.load(Relaxed);
-        if now.saturating_sub(last) >= self.1 && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
-            tracing::warn!("{}", msg());
-        }
     }
 }
 

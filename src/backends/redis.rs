@@ -16,9 +16,8 @@ use super::{
     fetch_page, BResult, Backend, BackendError, ControlSink, Cursor, FetchKind, FetchRequest, Page, Scanned, Source, Span, StoredMessage,
     Table, WriteOp, Written, PAGE,
 };
-use crate::broker::Control;
 use crate::config::{ConfError, PoolConf};
-use crate::hooks::Message;
+use crate::model::{Control, Message};
 use crate::topic;
 use futures::future::BoxFuture;
 use futures::StreamExt;

@@ -6,7 +6,7 @@ use super::{
     WriteOp, Written, PAGE, SCAN_ROWS_PER_MATCH,
 };
 use crate::config::{ConfError, PoolConf};
-use crate::hooks::Value;
+use crate::model::Value;
 use crate::topic;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;

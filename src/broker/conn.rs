@@ -6,10 +6,12 @@
 //! property, hold PUBACKs until storage committed (no-loss), and inject stored messages into one
 //! client before its subscription's live traffic, with packet ids outside the router's 1..=100.
 
-use super::engine::{Control, Engine};
+use super::engine::Engine;
 use super::wire::{self, Codec};
-use crate::backends::queue::{Outcome, RateLimited, Ticket};
-use crate::hooks::{now_ms, Client, Dispatcher, Event, Hook, Injection, Message};
+use crate::hooks::Dispatcher;
+use crate::model::Control;
+use crate::model::{now_ms, Client, Event, Hook, Injection, Message, Outcome, Ticket};
+use crate::ratelimit::RateLimited;
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use rumqttd::local::LinkTx;
@@ -1041,7 +1043,7 @@ impl Session {
     }
 
     /// A packet id for an injected publish, never one still awaiting its ack (`None`: all
-    /// 65 435 are; only unpaced `Control::Inject` batches can get there).
+    /// 65 435 are, which paced injection never reaches).
     fn alloc_pkid(&mut self) -> Option<u16> {
         for _ in FIRST_INJECT_PKID..=u16::MAX {
             let p = self.next_pkid;
@@ -1154,12 +1156,6 @@ impl Session {
                     ));
                     self.sync_session();
                     self.fire_unsubscribed(filter.as_str().into());
-                }
-            }
-            Control::Inject(msgs) => {
-                for m in msgs {
-                    let qos = m.qos;
-                    self.inject(qos, vec![Injection { msg: m, retained: false }]);
                 }
             }
         }

@@ -2,9 +2,8 @@
 //! registry of live connections (for server-side subscribe and injection), and the persistent
 //! session subscriptions the layer must remember to know which subscriptions are new.
 
-use crate::backends::deadletter::DeadLetter;
-use crate::backends::StoredMessage;
 use crate::config::BrokerConf;
+use crate::deadletter::DeadLetter;
 use crate::hooks::Dispatcher;
 use crate::metrics::Registry;
 use parking_lot::{Mutex, RwLock};
@@ -19,13 +18,7 @@ use tokio::sync::mpsc;
 pub type Link = (LinkTx, LinkRx, Notification);
 type LinkFactory = Box<dyn Fn(&str, bool) -> Result<Link, String> + Send + Sync>;
 
-/// Something done to a live connection from outside it.
-#[derive(Debug)]
-pub enum Control {
-    Subscribe { filter: String, qos: u8 },
-    Unsubscribe { filter: String },
-    Inject(Vec<StoredMessage>),
-}
+use crate::model::Control;
 
 pub struct Engine {
     links: LinkFactory,
@@ -225,12 +218,12 @@ const RESERVE_MS: u64 = 10_000;
 impl MsgIdGen {
     /// In memory only (unique within this process).
     pub fn new(node: u16) -> Self {
-        Self::build(node, None, crate::hooks::now_ms, 0)
+        Self::build(node, None, crate::model::now_ms, 0)
     }
 
     /// Unique across restarts: continues above the mark in `path` (created if missing).
     pub fn open(node: u16, path: std::path::PathBuf) -> std::io::Result<Self> {
-        Self::open_with_clock(node, path, crate::hooks::now_ms)
+        Self::open_with_clock(node, path, crate::model::now_ms)
     }
 
     fn open_with_clock(node: u16, path: std::path::PathBuf, clock: fn() -> i64) -> std::io::Result<Self> {

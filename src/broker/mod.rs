@@ -4,7 +4,7 @@ pub mod conn;
 pub mod engine;
 pub mod wire;
 
-pub use engine::{Control, Engine};
+pub use engine::Engine;
 
 use std::sync::Arc;
 use tokio::net::TcpListener;

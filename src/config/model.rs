@@ -2,8 +2,9 @@
 //! Everything is validated here, once, so the running broker never matches strings.
 
 use super::grammar::{did_you_mean, ConfError, Entries, Entry, Origin};
-use crate::actions::{Builtin, Command, ParamStyle, Statement};
-use crate::hooks::Hook;
+use super::Builtin;
+use crate::actions::{Command, ParamStyle, Statement};
+use crate::model::Hook;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -2,24 +2,17 @@
 //! (never waiting on the database, except the no-loss back-pressure) and runs the reads that
 //! subscribe and connect rules need.
 
-use super::event::{now_ms, Client, Event, Hook, Message};
-use crate::actions::{Builtin, Command, Statement};
-use crate::backends::health::Admit;
-use crate::backends::queue::{timed, Job, RateLimited, Ticket, WriteQueue};
-use crate::backends::{BResult, Backend, Cursor, FetchKind, FetchRequest, Page, StoredMessage, WriteOp};
-use crate::config::{Action, Config, NoLoss, Rule};
+use crate::actions::{Command, Statement};
+use crate::backends::queue::Job;
+use crate::backends::{Cursor, FetchKind, FetchRequest, Page, Pool, WriteOp};
+use crate::config::{Action, Builtin, Config, NoLoss, Rule};
 use crate::metrics::{Registry, RuleMetrics};
+use crate::model::{now_ms, Client, Event, Hook, Injection, Message, StoredMessage, Ticket};
+use crate::ratelimit::RateLimited;
 use crate::topic;
-use futures::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A connected pool: the backend and the queue in front of it.
-pub struct Pool {
-    pub backend: Arc<dyn Backend>,
-    pub queue: WriteQueue,
-}
 
 struct Bound {
     rule: Rule,
@@ -57,14 +50,6 @@ impl Bound {
         }
         None
     }
-}
-
-/// A stored message to deliver to one subscriber.
-#[derive(Debug, Clone)]
-pub struct Injection {
-    pub msg: StoredMessage,
-    /// From a retained lookup: delivered with the retain flag.
-    pub retained: bool,
 }
 
 /// What a new subscription gets from storage before its live traffic (SPEC §3.1, §3.2): its
@@ -399,7 +384,7 @@ impl Dispatcher {
                     None => b.pool.backend.retained(filter, None).await,
                 }
             };
-            match self.read(&b.pool, Box::pin(open)).await {
+            match b.pool.read(self.fetch_timeout, Box::pin(open)).await {
                 Ok(Page { msgs, next }) if msgs.is_empty() && next.is_none() => RuleMetrics::inc(&b.metrics.success),
                 Ok(Page { msgs, next }) => reads.push_back(OpenRead {
                     pool: b.pool.clone(),
@@ -444,7 +429,7 @@ impl Dispatcher {
                         None => r.pool.backend.retained(filter, Some(&cursor)).await,
                     }
                 };
-                match self.read(&r.pool, Box::pin(page)).await {
+                match r.pool.read(self.fetch_timeout, Box::pin(page)).await {
                     Ok(page) => {
                         r.next = page.next;
                         page.msgs
@@ -479,46 +464,6 @@ impl Dispatcher {
         }
     }
 
-    /// A read for a subscribe/connect rule, bounded by `persist.fetch_timeout`. While the pool's
-    /// circuit is open it fails at once (and now and then pings in the background), so an
-    /// outage costs subscribers their stored messages for now, not their time.
-    async fn read<T>(&self, pool: &Pool, f: BoxFuture<'_, BResult<T>>) -> Result<T, String> {
-        let health = &pool.queue.health;
-        match health.admit() {
-            Admit::Go => {}
-            Admit::Skip => return Err("the database is unavailable".into()),
-            Admit::Probe => {
-                let (backend, health, limit) = (pool.backend.clone(), health.clone(), self.fetch_timeout);
-                tokio::spawn(async move {
-                    match timed(limit, backend.ping()).await {
-                        Ok(()) => health.succeeded(),
-                        Err(_) => {
-                            health.failed();
-                            false
-                        }
-                    }
-                });
-                return Err("the database is unavailable".into());
-            }
-        }
-        match tokio::time::timeout(self.fetch_timeout, f).await {
-            Ok(Ok(v)) => {
-                health.succeeded();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                if e.transient {
-                    health.failed();
-                }
-                Err(e.message)
-            }
-            Err(_) => {
-                health.failed();
-                Err(format!("no answer within {} ms", self.fetch_timeout.as_millis()))
-            }
-        }
-    }
-
     /// `on_subscribe_lookup`: the client's stored subscriptions.
     pub async fn subscribe_lookup(&self, client: &Arc<Client>) -> Vec<(String, u8)> {
         let mut out = Vec::new();
@@ -527,7 +472,11 @@ impl Dispatcher {
                 continue;
             }
             RuleMetrics::inc(&b.metrics.matched);
-            match self.read(&b.pool, b.pool.backend.subscriptions(&client.clientid)).await {
+            match b
+                .pool
+                .read(self.fetch_timeout, b.pool.backend.subscriptions(&client.clientid))
+                .await
+            {
                 Ok(subs) => {
                     RuleMetrics::inc(&b.metrics.success);
                     for (f, q) in subs {

@@ -1,7 +1,6 @@
-//! Broker events and the rule dispatcher that turns them into database work.
+//! The rule dispatcher: turns broker events into rule matches, queued writes and the reads
+//! that subscribe and connect rules need.
 
 mod dispatcher;
-mod event;
 
-pub use dispatcher::{Dispatcher, Injection, Pool};
-pub use event::*;
+pub use dispatcher::{Dispatcher, StoredReads};

@@ -2,8 +2,8 @@
 //! Names that are aliases on some databases (pubsub, cassa's `on_subscription_lookup`) map to the
 //! same variant, so every backend implements each behaviour once.
 
-use crate::config::Db;
-use crate::hooks::Hook;
+use super::Db;
+use crate::model::Hook;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Builtin {

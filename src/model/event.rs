@@ -164,7 +164,7 @@ pub enum Value {
     Null,
     Int(i64),
     Str(Arc<str>),
-    Bytes(#[serde(with = "crate::backends::b64")] Bytes),
+    Bytes(#[serde(with = "super::b64")] Bytes),
     Bool(bool),
 }
 
@@ -207,7 +207,7 @@ pub struct Message {
     pub sender: Arc<str>,
     pub username: Option<Arc<str>>,
     pub topic: Arc<str>,
-    #[serde(with = "crate::backends::b64")]
+    #[serde(with = "super::b64")]
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,

@@ -7,8 +7,8 @@
 //! Each record has `at` (ms), `reason`, and either `message` (what the client published) or
 //! `pool` and `op` (a spooled write).
 
-use crate::backends::queue::RateLimited;
 use crate::metrics::Registry;
+use crate::ratelimit::RateLimited;
 use parking_lot::Mutex;
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,7 +32,7 @@ impl DeadLetter {
     /// Appends one record with `at` and `reason` added, synced to disk. Counted, and logged at
     /// most once per second. An error means the record is not safe: the caller must not ack.
     pub fn record(&self, reason: &str, mut record: serde_json::Map<String, serde_json::Value>) -> std::io::Result<()> {
-        record.insert("at".into(), crate::hooks::now_ms().into());
+        record.insert("at".into(), crate::model::now_ms().into());
         record.insert("reason".into(), reason.into());
         let mut line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         line.push(b'\n');
