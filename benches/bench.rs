@@ -512,6 +512,18 @@ async fn pgsql() {
 }
 
 /// Drops a database `pg_fresh_db` made, so runs leave nothing behind on the shared server.
+/// After a benchmark on `db`: its PostgreSQL database dropped, or its Redis database emptied.
+async fn leave_nothing_behind(db: &str, pg: Option<(String, tokio_postgres::Client)>) {
+    match pg {
+        Some((name, client)) => {
+            drop(client);
+            pg_drop_db(&name).await;
+        }
+        None if db == "redis" => drop(redis_flushed().await),
+        None => {}
+    }
+}
+
 async fn pg_drop_db(db: &str) {
     let (admin, conn) = pg_url()
         .parse::<tokio_postgres::Config>()
@@ -694,14 +706,7 @@ async fn latency() {
             }
         };
         let (with, without) = p99_side_by_side(rate, rounds, (db, plugin), &extra).await;
-        match pg {
-            Some((name, client)) => {
-                drop(client);
-                pg_drop_db(&name).await;
-            }
-            None if db == "redis" => drop(redis_flushed().await),
-            None => {}
-        }
+        leave_nothing_behind(db, pg).await;
         row(
             &format!("publish→deliver p99 at {rate} msg/s QoS1 (median of {rounds} alternating rounds)"),
             &format!("with {db} persistence (no-loss)"),
@@ -815,14 +820,7 @@ async fn fetch() {
         let fetched = n as f64 / (done - t0).as_secs_f64();
         let live = pub_sub(ours.addr, n, 1, &format!("l{tag}")).await;
         drop(ours);
-        match pg {
-            Some((name, client)) => {
-                drop(client);
-                pg_drop_db(&name).await;
-            }
-            None if db == "redis" => drop(redis_flushed().await),
-            None => {}
-        }
+        leave_nothing_behind(db, pg).await;
         row(
             &format!("{db}: {n} stored QoS1 messages fetched on subscribe (paged, acked)"),
             "fetch",

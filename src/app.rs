@@ -52,6 +52,7 @@ impl Drop for Broker {
 
 /// Connects every pool of every loaded backend and builds the dispatcher.
 pub async fn build_dispatcher(conf: &Config, registry: &Registry, dead: &Arc<DeadLetter>) -> Result<Dispatcher, Vec<ConfError>> {
+    let custom = crate::hooks::compile(conf)?;
     let mut pools = BTreeMap::new();
     let mut errors = Vec::new();
     for b in &conf.backends {
@@ -96,7 +97,7 @@ pub async fn build_dispatcher(conf: &Config, registry: &Registry, dead: &Arc<Dea
             }
         }
     }
-    Ok(Dispatcher::new(conf, &pools, registry))
+    Ok(Dispatcher::new(conf, custom, &pools, registry))
 }
 
 /// Deletes stored messages older than `ttl` in batches, off the hot path, until the pool is

@@ -84,11 +84,17 @@ fn load(args: &RunArgs) -> Result<Config, ExitCode> {
         listen: args.listen.clone(),
         data_dir: args.data_dir.clone(),
     };
-    Config::load(&args.etc, &ov).map_err(|errs| {
-        eprintln!("{errs}");
-        eprintln!("configuration has {} error(s)", errs.0.len());
-        ExitCode::from(2)
-    })
+    // Rules' own statements are compiled by their backends: part of loading, for `check` too.
+    Config::load(&args.etc, &ov)
+        .and_then(|conf| match mqtt_persist::hooks::compile(&conf) {
+            Ok(_) => Ok(conf),
+            Err(errs) => Err(mqtt_persist::config::ConfErrors(errs)),
+        })
+        .map_err(|errs| {
+            eprintln!("{errs}");
+            eprintln!("configuration has {} error(s)", errs.0.len());
+            ExitCode::from(2)
+        })
 }
 
 fn check(etc: &std::path::Path, connect: bool) -> ExitCode {

@@ -4,15 +4,15 @@
 //! on-subscribe and on-connect rules need. Everything generic — batching, retries, no-loss
 //! acknowledgements, metrics — lives in [`queue`] once, for all databases.
 
-use crate::actions::{Command, Statement};
-use crate::config::{OfflineOpts, PoolConf};
-use crate::model::{Message, StoredMessage, Value};
+use crate::config::{Db, OfflineOpts, PoolConf};
+use crate::model::{Event, Hook, Message, StoredMessage, Value};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::model::ControlSink;
 pub use pool::Pool;
+pub use sql::SqlAction;
 
 pub mod health;
 #[cfg(feature = "pgsql")]
@@ -21,6 +21,7 @@ mod pool;
 pub mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "tls")]
@@ -31,6 +32,10 @@ pub mod tls;
 /// the user's and may not be: a backend that commits op by op reports the committed prefix
 /// ([`BackendError::applied`], and [`BackendError::partial`] inside the next op's list) so the
 /// retry skips it; what it cannot vouch for runs again (at least once). Serializable for the disk spool.
+///
+/// The builtin variants are the storage model every database implements (SPEC §3); a rule's
+/// own statements travel as [`WriteOp::Custom`], which only the backend that compiled them
+/// looks inside.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum WriteOp {
     ClientConnected {
@@ -82,29 +87,141 @@ pub enum WriteOp {
         topic: Arc<str>,
         msgid: u64,
     },
-    Statements {
-        stmts: Arc<[Statement]>,
-        params: Vec<Vec<Value>>,
-    },
-    Commands {
-        pipeline: bool,
-        commands: Arc<[Command]>,
-        args: Vec<Vec<Vec<u8>>>,
-    },
+    /// A rule's own statements or commands with one event's values (spool records of earlier
+    /// versions named it `Statements` or `Commands`).
+    #[serde(alias = "Statements", alias = "Commands")]
+    Custom(CustomOp),
 }
 
 impl WriteOp {
-    /// This op without the first `n` statements of its list (they are committed); any other
-    /// op as it is.
+    /// This op without the first `n` steps of its custom action (they are committed); any
+    /// other op as it is.
     pub fn rest_after(&self, n: usize) -> WriteOp {
         match self {
-            WriteOp::Statements { stmts, params } if n > 0 => WriteOp::Statements {
-                stmts: stmts.iter().skip(n).cloned().collect(),
-                params: params.iter().skip(n).cloned().collect(),
-            },
+            WriteOp::Custom(c) if n > 0 => WriteOp::Custom(CustomOp {
+                skip: c.skip + n,
+                ..c.clone()
+            }),
             other => other.clone(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Custom actions. A rule may list its own statements instead of a builtin function: `sql` for
+// SQL databases, `commands` for Redis (later `cql`, a MongoDB document, a DynamoDB item). Each
+// backend compiles them when the rules are bound ([`compile_custom`]); everything between the
+// hook and the database (queue, batching, retries, spool, metrics) carries the compiled action
+// and one event's values without looking inside.
+
+/// A rule's own action, compiled by its database's backend.
+pub trait CustomAction: Send + Sync + std::fmt::Debug + 'static {
+    /// The values one event binds: a list per step (statement or command), in step order.
+    fn bind(&self, ev: &Event, node: &Arc<str>) -> Vec<Vec<Value>>;
+    /// The compiled action as JSON, for the spool; [`revive`] turns it back into the action.
+    fn spool(&self) -> serde_json::Value;
+    /// For the backend that compiled it, to get its own type back.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A custom action with the values of one event.
+#[derive(Debug, Clone)]
+pub struct CustomOp {
+    pub action: Arc<dyn CustomAction>,
+    /// One list per step.
+    pub args: Vec<Vec<Value>>,
+    /// Steps at the start that are finished (a retry after a partial failure runs the rest).
+    pub skip: usize,
+}
+
+impl CustomOp {
+    /// The action as the type its backend compiled, `None` if another backend compiled it.
+    pub fn compiled<T: 'static>(&self) -> Option<&T> {
+        self.action.as_any().downcast_ref()
+    }
+
+    /// The values of the steps still to run, with their step index.
+    pub fn pending(&self) -> impl Iterator<Item = (usize, &[Value])> {
+        self.args.iter().enumerate().skip(self.skip).map(|(i, a)| (i, a.as_slice()))
+    }
+}
+
+impl serde::Serialize for CustomOp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("CustomOp", 3)?;
+        st.serialize_field("action", &self.action.spool())?;
+        st.serialize_field("args", &self.args)?;
+        st.serialize_field("skip", &self.skip)?;
+        st.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CustomOp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        /// This version's record, or an earlier version's `Statements { stmts, params }` /
+        /// `Commands { pipeline, commands, args }`.
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            action: Option<serde_json::Value>,
+            args: Option<serde_json::Value>,
+            #[serde(default)]
+            skip: usize,
+            stmts: Option<serde_json::Value>,
+            params: Option<Vec<Vec<Value>>>,
+            commands: Option<serde_json::Value>,
+            pipeline: Option<bool>,
+        }
+        let w = Wire::deserialize(d)?;
+        let (spooled, args) = if let Some(action) = w.action {
+            let args = serde_json::from_value(w.args.unwrap_or_default()).map_err(D::Error::custom)?;
+            (action, args)
+        } else if let Some(stmts) = w.stmts {
+            (serde_json::json!({ "sql": stmts }), w.params.unwrap_or_default())
+        } else if let Some(commands) = w.commands {
+            let raw: Vec<Vec<Vec<u8>>> = serde_json::from_value(w.args.unwrap_or_default()).map_err(D::Error::custom)?;
+            let args = raw
+                .into_iter()
+                .map(|c| c.into_iter().map(|a| Value::Bytes(a.into())).collect())
+                .collect();
+            (
+                serde_json::json!({ "commands": commands, "pipeline": w.pipeline.unwrap_or(false) }),
+                args,
+            )
+        } else {
+            return Err(D::Error::custom("a custom write without its action"));
+        };
+        let action = revive(&spooled).map_err(D::Error::custom)?;
+        Ok(CustomOp {
+            action,
+            args,
+            skip: w.skip,
+        })
+    }
+}
+
+/// Compiles a rule's own statements (`items`, as listed under the database's key) for `db`.
+/// The error is the message for the rule's conf line.
+pub fn compile_custom(db: Db, hook: Hook, items: &[String]) -> Result<Arc<dyn CustomAction>, String> {
+    match db {
+        #[cfg(feature = "redis")]
+        Db::Redis => redis::CommandsAction::compile(items, hook),
+        Db::Sqlite | Db::Pgsql | Db::Mysql => SqlAction::compile(items, sql::param_style(db), hook),
+        other => Err(format!("custom statements for `{other}` are not built into this binary yet")),
+    }
+}
+
+/// A spooled action back from [`CustomAction::spool`].
+pub fn revive(spooled: &serde_json::Value) -> Result<Arc<dyn CustomAction>, String> {
+    if spooled.get("sql").is_some() {
+        return SqlAction::revive(spooled);
+    }
+    #[cfg(feature = "redis")]
+    if spooled.get("commands").is_some() {
+        return redis::CommandsAction::revive(spooled);
+    }
+    Err(format!("a spooled custom action this build cannot run: {spooled}"))
 }
 
 /// Which stored-message model a fetch uses.
@@ -232,7 +349,6 @@ pub async fn connect(pool: &PoolConf, data_dir: &std::path::Path) -> Result<Arc<
 
 /// Validate a pool's settings without connecting (used by `check`).
 pub fn validate(pool: &PoolConf) -> Result<(), crate::config::ConfError> {
-    use crate::config::Db;
     match pool.db {
         #[cfg(feature = "sqlite")]
         Db::Sqlite => sqlite::SqliteSettings::parse(pool, std::path::Path::new(".")).map(|_| ()),
@@ -651,7 +767,7 @@ mod paging_tests {
 
 #[cfg(test)]
 mod spool_format_tests {
-    use super::WriteOp;
+    use super::{compile_custom, CustomOp, WriteOp};
     use crate::model::{Message, Value};
     use std::sync::Arc;
 
@@ -676,10 +792,16 @@ mod spool_format_tests {
                 msg: message(&payload),
                 ttl: std::time::Duration::ZERO,
             },
-            WriteOp::Statements {
-                stmts: Arc::from(Vec::new()),
-                params: vec![vec![Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")), Value::Int(1)]],
-            },
+            WriteOp::Custom(CustomOp {
+                action: compile_custom(
+                    crate::config::Db::Sqlite,
+                    crate::model::Hook::MessagePublish,
+                    &["INSERT INTO t VALUES (${payload}, ${qos})".into()],
+                )
+                .unwrap(),
+                args: vec![vec![Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")), Value::Int(1)]],
+                skip: 0,
+            }),
         ];
         let line = serde_json::to_string(&ops).unwrap();
         assert!(
@@ -690,9 +812,11 @@ mod spool_format_tests {
         );
         let back: Vec<WriteOp> = serde_json::from_str(&line).unwrap();
         match (&back[0], &back[1]) {
-            (WriteOp::RetainUpsert { msg, .. }, WriteOp::Statements { params, .. }) => {
+            (WriteOp::RetainUpsert { msg, .. }, WriteOp::Custom(c)) => {
                 assert_eq!(&msg.payload[..], &payload[..]);
-                assert_eq!(params[0][0], Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")));
+                assert_eq!(c.args[0][0], Value::Bytes(bytes::Bytes::from_static(b"\x00\xffbin")));
+                let sql = c.compiled::<super::SqlAction>().expect("revived as SQL");
+                assert_eq!(&*sql.stmts[0].text, "INSERT INTO t VALUES (?, ?)");
             }
             other => panic!("{other:?}"),
         }
@@ -706,5 +830,33 @@ mod spool_format_tests {
             WriteOp::RetainUpsert { msg, .. } => assert_eq!(&msg.payload[..], b"hi\x00\xff"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn custom_writes_spooled_by_earlier_versions_still_replay() {
+        let old = r#"[{"Statements":{"stmts":[{"text":"INSERT INTO t VALUES ($1)","params":["Clientid"]}],"params":[[{"Str":"c1"}]]}},{"Commands":{"pipeline":false,"commands":[{"args":[{"Literal":[83,69,84]},{"Var":"Clientid"}]}],"args":[[[83,69,84],[99,49]]]}}]"#;
+        let back: Vec<WriteOp> = serde_json::from_str(old).unwrap();
+        match (&back[0], &back[1]) {
+            (WriteOp::Custom(sql), WriteOp::Custom(cmds)) => {
+                assert_eq!(
+                    &*sql.compiled::<super::SqlAction>().unwrap().stmts[0].text,
+                    "INSERT INTO t VALUES ($1)"
+                );
+                assert_eq!(sql.args, vec![vec![Value::Str("c1".into())]]);
+                #[cfg(feature = "redis")]
+                assert_eq!(cmds.compiled::<super::redis::CommandsAction>().unwrap().commands.len(), 1);
+                assert_eq!(
+                    cmds.args,
+                    vec![vec![
+                        Value::Bytes(bytes::Bytes::from_static(b"SET")),
+                        Value::Bytes(bytes::Bytes::from_static(b"c1"))
+                    ]]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // And what this version writes reads back the same.
+        let again: Vec<WriteOp> = serde_json::from_str(&serde_json::to_string(&back).unwrap()).unwrap();
+        assert!(matches!(&again[0], WriteOp::Custom(c) if c.args == vec![vec![Value::Str("c1".into())]]));
     }
 }

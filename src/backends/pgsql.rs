@@ -5,8 +5,8 @@
 
 use super::tls::Verify;
 use super::{
-    fetch_page, retained_page, BResult, Backend, BackendError, Cursor, FetchRequest, Page, Scanned, Source, Span, StoredMessage, Table,
-    WriteOp, Written, SCAN_ROWS_PER_MATCH,
+    fetch_page, retained_page, BResult, Backend, BackendError, Cursor, FetchRequest, Page, Scanned, Source, Span, SqlAction, StoredMessage,
+    Table, WriteOp, Written, SCAN_ROWS_PER_MATCH,
 };
 use crate::actions::Statement;
 use crate::config::{ConfError, PoolConf};
@@ -435,9 +435,14 @@ impl PgBackend {
                 )
                 .await?;
             }
-            WriteOp::Statements { stmts, params } => {
+            WriteOp::Custom(custom) => {
+                let Some(sql) = custom.compiled::<SqlAction>() else {
+                    tracing::warn!(pool = %self.label, action = ?custom.action, "not an SQL statement list: skipped");
+                    return Ok(true);
+                };
                 let mut refused = false;
-                for (st, ps) in stmts.iter().zip(params) {
+                for (i, ps) in custom.pending() {
+                    let Some(st) = sql.stmts.get(i) else { break };
                     // Autocommit per statement: a failing one is logged and the next runs.
                     if let Err(e) = self.custom(c, st, ps).await {
                         let be = classify(&e);
@@ -463,7 +468,6 @@ impl PgBackend {
             WriteOp::AdvancePointer { .. } => {
                 self.advance_many(c, &[op]).await?;
             }
-            WriteOp::Commands { .. } => {}
         }
         Ok(false)
     }

@@ -13,11 +13,12 @@
 //! keep-latest lookups walk the topic index, a page of topics at a time.
 
 use super::{
-    fetch_page, BResult, Backend, BackendError, ControlSink, Cursor, FetchKind, FetchRequest, Page, Scanned, Source, Span, StoredMessage,
-    Table, WriteOp, Written, PAGE,
+    fetch_page, BResult, Backend, BackendError, ControlSink, Cursor, CustomAction, FetchKind, FetchRequest, Page, Scanned, Source, Span,
+    StoredMessage, Table, WriteOp, Written, PAGE,
 };
+use crate::actions::Command;
 use crate::config::{ConfError, PoolConf};
-use crate::model::{Control, Message};
+use crate::model::{self, Control, Event, Hook, Message};
 use crate::topic;
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -476,16 +477,16 @@ impl RedisBackend {
                     .arg(msgid.to_string())
                     .ignore();
             }
-            WriteOp::Commands { args, .. } => {
-                for a in args {
-                    let mut c = redis::cmd(&String::from_utf8_lossy(&a[0]));
-                    for x in &a[1..] {
-                        c.arg(&x[..]);
+            WriteOp::Custom(c) => {
+                for (_, a) in c.pending() {
+                    let Some((name, rest)) = a.split_first() else { continue };
+                    let mut cmd = redis::cmd(&String::from_utf8_lossy(&name.to_bytes()));
+                    for x in rest {
+                        cmd.arg(x.to_bytes());
                     }
-                    p.add_command(c).ignore();
+                    p.add_command(cmd).ignore();
                 }
             }
-            WriteOp::Statements { .. } => {}
         }
     }
 
@@ -1035,6 +1036,53 @@ impl Backend for RedisBackend {
                 _ = stop.wait_for(|s| *s) => {}
             }
         });
+    }
+}
+
+/// A rule's `commands` list: each command compiled by EMQX's tokenizing rules, sent in order
+/// in the pool's pipeline (a leading `"pipeline"` item is accepted and changes nothing: every
+/// batch is one pipeline).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct CommandsAction {
+    pub pipeline: bool,
+    pub commands: Vec<Command>,
+}
+
+impl CommandsAction {
+    pub fn compile(items: &[String], hook: Hook) -> Result<std::sync::Arc<dyn CustomAction>, String> {
+        let pipeline = items.first().is_some_and(|s| s.eq_ignore_ascii_case("pipeline"));
+        let commands = items
+            .iter()
+            .skip(usize::from(pipeline))
+            .map(|c| Command::compile(c, hook).map_err(|e| format!("in `{c}`: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if commands.is_empty() {
+            return Err("`action.commands` holds only \"pipeline\": list the commands to send after it".into());
+        }
+        Ok(std::sync::Arc::new(CommandsAction { pipeline, commands }))
+    }
+
+    pub fn revive(spooled: &serde_json::Value) -> Result<std::sync::Arc<dyn CustomAction>, String> {
+        let a: CommandsAction = serde_json::from_value(spooled.clone()).map_err(|e| format!("a spooled commands action: {e}"))?;
+        Ok(std::sync::Arc::new(a))
+    }
+}
+
+impl CustomAction for CommandsAction {
+    /// Each command's arguments, each a separate binary-safe value.
+    fn bind(&self, ev: &Event, node: &std::sync::Arc<str>) -> Vec<Vec<model::Value>> {
+        self.commands
+            .iter()
+            .map(|c| c.bind(ev, node).into_iter().map(|a| model::Value::Bytes(a.into())).collect())
+            .collect()
+    }
+
+    fn spool(&self) -> serde_json::Value {
+        serde_json::json!({ "commands": self.commands, "pipeline": self.pipeline })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

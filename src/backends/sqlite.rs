@@ -2,8 +2,8 @@
 //! batch in a single transaction; a second connection serves reads while writes go on.
 
 use super::{
-    fetch_page, retained_page, BResult, Backend, BackendError, Cursor, FetchRequest, Page, Scanned, Source, Span, StoredMessage, Table,
-    WriteOp, Written, PAGE, SCAN_ROWS_PER_MATCH,
+    fetch_page, retained_page, BResult, Backend, BackendError, Cursor, FetchRequest, Page, Scanned, Source, Span, SqlAction, StoredMessage,
+    Table, WriteOp, Written, PAGE, SCAN_ROWS_PER_MATCH,
 };
 use crate::config::{ConfError, PoolConf};
 use crate::model::Value;
@@ -193,9 +193,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
             tx.prepare_cached("DELETE FROM mqtt_latest WHERE topic = ?1 AND msgid = ?2")?
                 .execute(params![&**topic, *msgid as i64])?;
         }
-        WriteOp::Statements { stmts, params } => {
+        WriteOp::Custom(c) => {
+            let Some(sql) = c.compiled::<SqlAction>() else {
+                tracing::warn!(action = ?c.action, "not an SQL statement list: skipped");
+                return Ok(true);
+            };
             let mut refused = false;
-            for (st, ps) in stmts.iter().zip(params) {
+            for (i, ps) in c.pending() {
+                let Some(st) = sql.stmts.get(i) else { break };
                 // A failing statement is logged and the next one runs (EMQX semantics).
                 let r = tx
                     .prepare_cached(&st.text)
@@ -210,7 +215,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
             }
             return Ok(refused);
         }
-        WriteOp::Commands { .. } => {}
     }
     Ok(false)
 }

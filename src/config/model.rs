@@ -3,7 +3,6 @@
 
 use super::grammar::{did_you_mean, ConfError, Entries, Entry, Origin};
 use super::Builtin;
-use crate::actions::{Command, ParamStyle, Statement};
 use crate::model::Hook;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -140,13 +139,6 @@ impl Db {
         ]
     }
 
-    pub fn param_style(self) -> ParamStyle {
-        match self {
-            Db::Pgsql => ParamStyle::Numbered,
-            _ => ParamStyle::Question,
-        }
-    }
-
     /// The statement-list key of `action` for this database.
     pub fn statement_key(self) -> &'static str {
         match self {
@@ -235,8 +227,9 @@ pub struct OfflineOpts {
 #[derive(Debug, Clone)]
 pub enum Action {
     Builtin(Builtin),
-    Statements(Vec<Statement>),
-    Commands { pipeline: bool, commands: Vec<Command> },
+    /// The rule's own statements or commands, as written under the database's key (`sql`,
+    /// `commands`, …): compiled by that database's backend when the rules are bound.
+    Custom(Vec<String>),
 }
 
 /// One `backend.<db>.hook.<hook>.<N>` line.
@@ -813,27 +806,7 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         if list.is_empty() {
             return Err(format!("`action.{key}` is empty: list at least one statement, or use `function`"));
         }
-        match db {
-            Db::Redis => {
-                let pipeline = list.first().is_some_and(|s| s.eq_ignore_ascii_case("pipeline"));
-                let commands = list
-                    .iter()
-                    .skip(usize::from(pipeline))
-                    .map(|c| Command::compile(c, hook).map_err(|e| format!("in `{c}`: {e}")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if commands.is_empty() {
-                    return Err("`action.commands` holds only \"pipeline\": list the commands to send after it".into());
-                }
-                Action::Commands { pipeline, commands }
-            }
-            _ => {
-                let stmts = list
-                    .iter()
-                    .map(|s| Statement::compile(s, db.param_style(), hook).map_err(|e| format!("in `{s}`: {e}")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Action::Statements(stmts)
-            }
-        }
+        Action::Custom(list)
     };
     let mut offline = defaults.clone();
     if let Some(o) = obj.get("offline_opts") {

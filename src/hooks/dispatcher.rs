@@ -2,10 +2,9 @@
 //! (never waiting on the database, except the no-loss back-pressure) and runs the reads that
 //! subscribe and connect rules need.
 
-use crate::actions::{Command, Statement};
 use crate::backends::queue::Job;
-use crate::backends::{Cursor, FetchKind, FetchRequest, Page, Pool, WriteOp};
-use crate::config::{Action, Builtin, Config, NoLoss, Rule};
+use crate::backends::{Cursor, CustomAction, CustomOp, FetchKind, FetchRequest, Page, Pool, WriteOp};
+use crate::config::{Action, Builtin, ConfError, Config, NoLoss, Rule};
 use crate::metrics::{Registry, RuleMetrics};
 use crate::model::{now_ms, Client, Event, Hook, Injection, Message, StoredMessage, Ticket};
 use crate::ratelimit::RateLimited;
@@ -18,8 +17,8 @@ struct Bound {
     rule: Rule,
     pool: Arc<Pool>,
     metrics: Arc<RuleMetrics>,
-    stmts: Option<Arc<[Statement]>>,
-    cmds: Option<(bool, Arc<[Command]>)>,
+    /// The rule's own statements, compiled by its backend.
+    custom: Option<Arc<dyn CustomAction>>,
 }
 
 impl Bound {
@@ -31,24 +30,35 @@ impl Bound {
         }
     }
 
-    /// The custom statement/command op for an event, if this rule has one.
+    /// The custom op for an event, if this rule has one.
     fn custom_op(&self, ev: &Event, node: &Arc<str>) -> Option<WriteOp> {
-        if let Some(stmts) = &self.stmts {
-            let params = stmts.iter().map(|s| s.bind(ev, node)).collect();
-            return Some(WriteOp::Statements {
-                stmts: stmts.clone(),
-                params,
-            });
+        let action = self.custom.as_ref()?;
+        Some(WriteOp::Custom(CustomOp {
+            args: action.bind(ev, node),
+            action: action.clone(),
+            skip: 0,
+        }))
+    }
+}
+
+/// Compiles every rule's own statements with its database's backend; the errors name the
+/// rule's conf line. `check` runs it as well, so a bad template never waits for a start.
+pub fn compile(conf: &Config) -> Result<Vec<Option<Arc<dyn CustomAction>>>, Vec<ConfError>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for rule in conf.rules() {
+        match &rule.action {
+            Action::Builtin(_) => out.push(None),
+            Action::Custom(items) => match crate::backends::compile_custom(rule.db, rule.hook, items) {
+                Ok(a) => out.push(Some(a)),
+                Err(e) => errors.push(ConfError::new(&rule.origin, e)),
+            },
         }
-        if let Some((pipeline, cmds)) = &self.cmds {
-            let args = cmds.iter().map(|c| c.bind(ev, node)).collect();
-            return Some(WriteOp::Commands {
-                pipeline: *pipeline,
-                commands: cmds.clone(),
-                args,
-            });
-        }
-        None
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
     }
 }
 
@@ -103,31 +113,31 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Binds rules to connected pools (keyed `db:pool`).
-    pub fn new(conf: &Config, pools: &BTreeMap<String, Arc<Pool>>, registry: &Registry) -> Dispatcher {
+    /// Binds rules to connected pools (keyed `db:pool`); `custom` is [`compile`]'s answer for
+    /// the same configuration.
+    pub fn new(
+        conf: &Config,
+        custom: Vec<Option<Arc<dyn CustomAction>>>,
+        pools: &BTreeMap<String, Arc<Pool>>,
+        registry: &Registry,
+    ) -> Dispatcher {
         let mut hooks: BTreeMap<Hook, Vec<Bound>> = BTreeMap::new();
         let mut metrics = registry.rules.lock();
         // A reload keeps the counters of rules that are still there (same label): Prometheus
         // series continue instead of resetting to zero.
         let previous: std::collections::HashMap<String, Arc<RuleMetrics>> = metrics.drain(..).map(|m| (m.label.clone(), m)).collect();
-        for rule in conf.rules() {
+        for (rule, custom) in conf.rules().zip(custom) {
             let Some(pool) = pools.get(&format!("{}:{}", rule.db, rule.pool)) else {
                 continue;
             };
             let label = rule.label();
             let m = previous.get(&label).cloned().unwrap_or_else(|| RuleMetrics::new(label));
             metrics.push(m.clone());
-            let (stmts, cmds) = match &rule.action {
-                Action::Statements(s) => (Some(Arc::from(s.clone())), None),
-                Action::Commands { pipeline, commands } => (None, Some((*pipeline, Arc::from(commands.clone())))),
-                Action::Builtin(_) => (None, None),
-            };
             hooks.entry(rule.hook).or_default().push(Bound {
                 rule: rule.clone(),
                 pool: pool.clone(),
                 metrics: m,
-                stmts,
-                cmds,
+                custom,
             });
         }
         for rules in hooks.values_mut() {

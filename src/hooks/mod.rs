@@ -3,4 +3,4 @@
 
 mod dispatcher;
 
-pub use dispatcher::{Dispatcher, StoredReads};
+pub use dispatcher::{compile, Dispatcher, StoredReads};
