@@ -1,7 +1,8 @@
 //! mqtt-persist: an MQTT broker (rumqttd's router behind our own connection layer) that writes
 //! broker events to databases the way EMQX 4 "backend" plugins did.
 //!
-//! Data flows `config → broker → hooks → actions → backends`: see ARCHITECTURE.md.
+//! Events flow `broker → hooks → backends`, over the shared `model`; the module graph and the
+//! `Backend` seam are drawn in docs/architecture.md (and checked by tests/modules.rs).
 
 pub mod actions;
 pub mod app;
