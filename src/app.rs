@@ -121,7 +121,7 @@ fn spawn_ttl_cleanup(pool: std::sync::Weak<Pool>, ttl: std::time::Duration) {
 /// Re-reads the configuration and swaps the rule set in; a bad configuration is rejected with
 /// all its errors and the running one stays.
 pub async fn reload(engine: &Arc<Engine>, etc: &std::path::Path, overrides: &crate::config::Overrides) -> Result<usize, String> {
-    let conf = Config::load(etc, overrides).map_err(|e| e.to_string())?;
+    let conf = Config::load_checked(etc, overrides, &|r| crate::hooks::compile_rule(r).map(|_| ())).map_err(|e| e.to_string())?;
     let rules = conf.rules().count();
     let dispatcher = prepare(&engine.storage, conf, engine.metrics.clone(), engine.dead_letter.clone()).await?;
     start_control(engine, &dispatcher);

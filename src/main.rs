@@ -85,16 +85,11 @@ fn load(args: &RunArgs) -> Result<Config, ExitCode> {
         data_dir: args.data_dir.clone(),
     };
     // Rules' own statements are compiled by their backends: part of loading, for `check` too.
-    Config::load(&args.etc, &ov)
-        .and_then(|conf| match mqtt_persist::hooks::compile(&conf) {
-            Ok(_) => Ok(conf),
-            Err(errs) => Err(mqtt_persist::config::ConfErrors(errs)),
-        })
-        .map_err(|errs| {
-            eprintln!("{errs}");
-            eprintln!("configuration has {} error(s)", errs.0.len());
-            ExitCode::from(2)
-        })
+    Config::load_checked(&args.etc, &ov, &|r| mqtt_persist::hooks::compile_rule(r).map(|_| ())).map_err(|errs| {
+        eprintln!("{errs}");
+        eprintln!("configuration has {} error(s)", errs.0.len());
+        ExitCode::from(2)
+    })
 }
 
 fn check(etc: &std::path::Path, connect: bool) -> ExitCode {

@@ -721,3 +721,20 @@ fn redis_tls_checks_the_servers_certificate() {
         "a name the certificate does not hold must be refused: {text}"
     );
 }
+
+#[test]
+fn template_errors_come_in_one_list_with_the_other_errors() {
+    // A rule's statements are compiled by its backend, after the conf is parsed: their errors
+    // still join the rest, so one `check` shows everything to fix.
+    let (_d, etc) = etc_with(concat!(
+        "backend.sqlite.hook.message.publish.1 = {\"topic\": \"#\", \"action\": {\"sql\": [\"insert into t values (${clientd})\"]}, \"pool\": \"pool1\"}\n",
+        "backend.sqlite.hook.message.publish.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_mesage_publish\"}, \"pool\": \"pool1\"}\n",
+    ));
+    assert_errors_at(
+        "sqlite",
+        &etc,
+        &[(2, "unknown placeholder `${clientd}`"), (3, "unknown function `on_mesage_publish`")],
+    );
+    let (_, out) = check(&etc);
+    assert!(out.contains("configuration has 2 error(s)"), "{out}");
+}

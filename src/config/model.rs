@@ -353,14 +353,27 @@ pub struct Overrides {
 
 impl Config {
     /// Loads `etc/mqtt-persist.conf` and the plugin files it lists, with environment overrides.
+    /// Reads and validates the configuration; rules' own statements are only checked to be
+    /// lists of strings (see [`Config::load_checked`]).
     pub fn load(etc: &Path, overrides: &Overrides) -> Result<Config, ConfErrors> {
+        Self::load_checked(etc, overrides, &|_| Ok(()))
+    }
+
+    /// Like [`Config::load`], with `check` run on every rule that parsed (the caller compiles
+    /// rules' own statements with their backends there), so that all errors come in one list.
+    pub fn load_checked(etc: &Path, overrides: &Overrides, check: &dyn Fn(&Rule) -> Result<(), String>) -> Result<Config, ConfErrors> {
         let env: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| k.starts_with(super::grammar::ENV_PREFIX))
             .collect();
-        Self::load_with_env(etc, overrides, &env)
+        Self::load_with_env(etc, overrides, &env, check)
     }
 
-    pub fn load_with_env(etc: &Path, overrides: &Overrides, env: &[(String, String)]) -> Result<Config, ConfErrors> {
+    pub fn load_with_env(
+        etc: &Path,
+        overrides: &Overrides,
+        env: &[(String, String)],
+        check: &dyn Fn(&Rule) -> Result<(), String>,
+    ) -> Result<Config, ConfErrors> {
         let mut errors = Vec::new();
         let mut entries = Entries::default();
         let main = etc.join("mqtt-persist.conf");
@@ -398,6 +411,11 @@ impl Config {
             pe.apply_env(env, |k| prefixes.iter().any(|p| k.starts_with(p.as_str())));
             warnings.append(&mut pe.warnings);
             backends.push(backend_conf(*db, file, &pe, &broker, &mut errors, &mut warnings));
+        }
+        for r in backends.iter().flat_map(|b| &b.rules) {
+            if let Err(e) = check(r) {
+                errors.push(ConfError::new(&r.origin, e));
+            }
         }
         if errors.is_empty() {
             Ok(Config {

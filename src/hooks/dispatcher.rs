@@ -41,18 +41,24 @@ impl Bound {
     }
 }
 
+/// One rule's own statements compiled by its backend (`None`: a builtin); the check
+/// [`Config::load_checked`] runs.
+pub fn compile_rule(rule: &Rule) -> Result<Option<Arc<dyn CustomAction>>, String> {
+    match &rule.action {
+        Action::Builtin(_) => Ok(None),
+        Action::Custom(items) => crate::backends::compile_custom(rule.db, rule.hook, items).map(Some),
+    }
+}
+
 /// Compiles every rule's own statements with its database's backend; the errors name the
 /// rule's conf line. `check` runs it as well, so a bad template never waits for a start.
 pub fn compile(conf: &Config) -> Result<Vec<Option<Arc<dyn CustomAction>>>, Vec<ConfError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for rule in conf.rules() {
-        match &rule.action {
-            Action::Builtin(_) => out.push(None),
-            Action::Custom(items) => match crate::backends::compile_custom(rule.db, rule.hook, items) {
-                Ok(a) => out.push(Some(a)),
-                Err(e) => errors.push(ConfError::new(&rule.origin, e)),
-            },
+        match compile_rule(rule) {
+            Ok(a) => out.push(a),
+            Err(e) => errors.push(ConfError::new(&rule.origin, e)),
         }
     }
     if errors.is_empty() {

@@ -3,4 +3,4 @@
 
 mod dispatcher;
 
-pub use dispatcher::{compile, Dispatcher, StoredReads};
+pub use dispatcher::{compile, compile_rule, Dispatcher, StoredReads};
