@@ -65,8 +65,13 @@ pub enum WriteOp {
         #[serde(default)]
         ttl: Duration,
     },
+    /// The empty retained publish `msgid` clears the topic: a retained message stored with a
+    /// newer msgid (another node's, a later publish written first) stays. Spool records written
+    /// before the field existed have 0: they delete whatever is there.
     RetainDelete {
         topic: Arc<str>,
+        #[serde(default)]
+        msgid: u64,
     },
     /// Move the read pointers of these filters forward to `msgid` (never backwards).
     AdvancePointer {
@@ -94,6 +99,15 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
+    /// For a guarded delete: the msgid below which stored rows go (`i64::MAX`: all of them).
+    pub fn delete_below(msgid: u64) -> i64 {
+        if msgid == 0 {
+            i64::MAX
+        } else {
+            msgid as i64
+        }
+    }
+
     /// This op without the first `n` steps of its custom action (they are committed); any
     /// other op as it is.
     pub fn rest_after(&self, n: usize) -> WriteOp {
@@ -201,15 +215,23 @@ impl<'de> serde::Deserialize<'de> for CustomOp {
     }
 }
 
-/// Compiles a rule's own statements (`items`, as listed under the database's key) for `db`.
+/// Compiles a rule's own statements (`items`, as listed under the database's `key`) for `db`.
 /// The error is the message for the rule's conf line.
-pub fn compile_custom(db: Db, hook: Hook, items: &[String]) -> Result<Arc<dyn CustomAction>, String> {
+pub fn compile_custom(db: Db, hook: Hook, key: &str, items: &[serde_json::Value]) -> Result<Arc<dyn CustomAction>, String> {
     match db {
         #[cfg(feature = "redis")]
-        Db::Redis => redis::CommandsAction::compile(items, hook),
-        Db::Sqlite | Db::Pgsql | Db::Mysql => SqlAction::compile(items, sql::param_style(db), hook),
+        Db::Redis => redis::CommandsAction::compile(&strings(key, items)?, hook),
+        Db::Sqlite | Db::Pgsql | Db::Mysql => SqlAction::compile(&strings(key, items)?, sql::param_style(db), hook),
         other => Err(format!("custom statements for `{other}` are not built into this binary yet")),
     }
+}
+
+/// The items of a language written as text (SQL, Redis commands).
+fn strings<'a>(key: &str, items: &'a [serde_json::Value]) -> Result<Vec<&'a str>, String> {
+    items
+        .iter()
+        .map(|i| i.as_str().ok_or_else(|| format!("`action.{key}` items must be strings, found {i}")))
+        .collect()
 }
 
 /// A spooled action back from [`CustomAction::spool`].
@@ -796,6 +818,7 @@ mod spool_format_tests {
                 action: compile_custom(
                     crate::config::Db::Sqlite,
                     crate::model::Hook::MessagePublish,
+                    "sql",
                     &["INSERT INTO t VALUES (${payload}, ${qos})".into()],
                 )
                 .unwrap(),

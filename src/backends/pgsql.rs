@@ -248,7 +248,7 @@ impl PgBackend {
             table.name()
         );
         let limit = (want.max(1) * SCAN_ROWS_PER_MATCH) as i64;
-        // Ids stay below 2^63 for millennia; "no bound" saturates.
+        // Ids stay below 2^63 until 2039-09 (`ms << 22` passes it then); "no bound" saturates.
         let (after, upto) = (span.after.min(i64::MAX as u64) as i64, span.upto.min(i64::MAX as u64) as i64);
         let params: [&(dyn ToSql + Sync); 6] = [&pattern, &after, &span.since, &parent, &upto, &limit];
         let types = [Type::TEXT, Type::INT8, Type::INT8, Type::TEXT, Type::INT8, Type::INT8];
@@ -409,9 +409,14 @@ impl PgBackend {
                 )
                 .await?;
             }
-            WriteOp::RetainDelete { topic } => {
-                self.exec(c, "DELETE FROM mqtt_retain WHERE topic = $1", &[T::TEXT], &[&&**topic])
-                    .await?;
+            WriteOp::RetainDelete { topic, msgid } => {
+                self.exec(
+                    c,
+                    "DELETE FROM mqtt_retain WHERE topic = $1 AND msgid < $2",
+                    &[T::TEXT, T::INT8],
+                    &[&&**topic, &WriteOp::delete_below(*msgid)],
+                )
+                .await?;
             }
             WriteOp::DeletePointer { clientid, filter } => {
                 self.exec(

@@ -448,7 +448,9 @@ impl RedisBackend {
                     .ignore();
                 p.cmd("ZADD").arg(TOPICS_RETAIN).arg(0).arg(&*msg.topic).ignore();
             }
-            WriteOp::RetainDelete { topic } => {
+            // Not guarded by msgid yet: the topic index entry would have to go in the same
+            // script, and the two keys live in different cluster slots.
+            WriteOp::RetainDelete { topic, .. } => {
                 p.cmd("DEL").arg(format!("mqtt:retain:{topic}")).ignore();
                 p.cmd("ZREM").arg(TOPICS_RETAIN).arg(&**topic).ignore();
             }
@@ -1049,7 +1051,7 @@ pub struct CommandsAction {
 }
 
 impl CommandsAction {
-    pub fn compile(items: &[String], hook: Hook) -> Result<std::sync::Arc<dyn CustomAction>, String> {
+    pub fn compile(items: &[&str], hook: Hook) -> Result<std::sync::Arc<dyn CustomAction>, String> {
         let pipeline = items.first().is_some_and(|s| s.eq_ignore_ascii_case("pipeline"));
         let commands = items
             .iter()

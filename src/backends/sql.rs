@@ -22,7 +22,7 @@ pub struct SqlAction {
 }
 
 impl SqlAction {
-    pub fn compile(items: &[String], style: ParamStyle, hook: Hook) -> Result<Arc<dyn CustomAction>, String> {
+    pub fn compile(items: &[&str], style: ParamStyle, hook: Hook) -> Result<Arc<dyn CustomAction>, String> {
         let stmts = items
             .iter()
             .map(|s| Statement::compile(s, style, hook).map_err(|e| format!("in `{s}`: {e}")))

@@ -171,9 +171,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
             )?
             .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, &msg.payload[..], msg.timestamp])?;
         }
-        WriteOp::RetainDelete { topic } => {
-            tx.prepare_cached("DELETE FROM mqtt_retain WHERE topic = ?1")?
-                .execute(params![&**topic])?;
+        WriteOp::RetainDelete { topic, msgid } => {
+            tx.prepare_cached("DELETE FROM mqtt_retain WHERE topic = ?1 AND msgid < ?2")?
+                .execute(params![&**topic, WriteOp::delete_below(*msgid)])?;
         }
         WriteOp::AdvancePointer { clientid, filters, msgid } => {
             let mut st = tx.prepare_cached("UPDATE mqtt_acked SET mid = max(mid, ?1) WHERE clientid = ?2 AND topic = ?3")?;
@@ -297,7 +297,8 @@ fn topic_cond(filter: &str, ps: &mut Vec<rusqlite::types::Value>) -> &'static st
     }
 }
 
-/// A msgid as SQLite stores it (ids stay below 2^63 for millennia; "no bound" saturates).
+/// A msgid as SQLite stores it (ids stay below 2^63 until 2039-09, when `ms << 22` passes it;
+/// "no bound" saturates).
 fn sql_id(id: u64) -> i64 {
     id.min(i64::MAX as u64) as i64
 }
@@ -480,5 +481,48 @@ mod tests {
         let b = SqliteBackend::open(&pool, dir.path()).unwrap();
         let level: i64 = b.writer.lock().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(level, 2, "FULL: the no-loss PUBACK needs the commit on disk");
+    }
+
+    #[tokio::test]
+    async fn a_retained_delete_leaves_a_newer_retained_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = PoolConf {
+            db: crate::config::Db::Sqlite,
+            name: "pool1".into(),
+            attrs: Default::default(),
+            origin: crate::config::Origin::Default,
+        };
+        let b = SqliteBackend::open(&pool, dir.path()).unwrap();
+        let msg = |msgid: u64| {
+            std::sync::Arc::new(crate::model::Message {
+                msgid,
+                sender: "c".into(),
+                username: None,
+                topic: "a/b".into(),
+                payload: bytes::Bytes::from_static(b"v"),
+                qos: 1,
+                retain: true,
+                timestamp: 1,
+            })
+        };
+        let retained = || -> Option<i64> { b.writer.lock().query_row("SELECT msgid FROM mqtt_retain", [], |r| r.get(0)).ok() };
+        let delete = |msgid| WriteOp::RetainDelete {
+            topic: "a/b".into(),
+            msgid,
+        };
+        let upsert = WriteOp::RetainUpsert {
+            msg: msg(200),
+            ttl: std::time::Duration::ZERO,
+        };
+        b.write(&[upsert.clone(), delete(100)]).await.unwrap();
+        assert_eq!(
+            retained(),
+            Some(200),
+            "an older empty retained publish must not delete a newer value"
+        );
+        b.write(&[delete(300)]).await.unwrap();
+        assert_eq!(retained(), None);
+        b.write(&[upsert, delete(0)]).await.unwrap();
+        assert_eq!(retained(), None, "a spool record without a msgid deletes whatever is there");
     }
 }

@@ -228,8 +228,12 @@ pub struct OfflineOpts {
 pub enum Action {
     Builtin(Builtin),
     /// The rule's own statements or commands, as written under the database's key (`sql`,
-    /// `commands`, …): compiled by that database's backend when the rules are bound.
-    Custom(Vec<String>),
+    /// `commands`, …), each item still JSON (a string, or a document for MongoDB): compiled by
+    /// that database's backend when the rules are bound.
+    Custom {
+        key: String,
+        items: Vec<serde_json::Value>,
+    },
 }
 
 /// One `backend.<db>.hook.<hook>.<N>` line.
@@ -808,23 +812,22 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
         }
         Action::Builtin(b)
     } else {
-        let list = match action.get(key) {
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .map(|i| {
-                    i.as_str()
-                        .map(str::to_string)
-                        .ok_or(format!("`action.{key}` items must be strings"))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
+        // The items stay JSON: statement text for SQL and Redis, documents for MongoDB; the
+        // backend's compiler says what its language accepts.
+        let items = match action.get(key) {
+            Some(serde_json::Value::Array(items)) => items.clone(),
+            Some(v @ (serde_json::Value::String(_) | serde_json::Value::Object(_))) => vec![v.clone()],
+            Some(v) if db == Db::Mongo => return Err(format!("`action.{key}` must be a list of documents, found {v}")),
             Some(v) => return Err(format!("`action.{key}` must be a list of strings, found {v}")),
             None => return Err(format!("`action` needs `function` or `{key}` for {db}")),
         };
-        if list.is_empty() {
+        if items.is_empty() {
             return Err(format!("`action.{key}` is empty: list at least one statement, or use `function`"));
         }
-        Action::Custom(list)
+        Action::Custom {
+            key: key.to_string(),
+            items,
+        }
     };
     let mut offline = defaults.clone();
     if let Some(o) = obj.get("offline_opts") {

@@ -46,7 +46,7 @@ impl Bound {
 pub fn compile_rule(rule: &Rule) -> Result<Option<Arc<dyn CustomAction>>, String> {
     match &rule.action {
         Action::Builtin(_) => Ok(None),
-        Action::Custom(items) => crate::backends::compile_custom(rule.db, rule.hook, items).map(Some),
+        Action::Custom { key, items } => crate::backends::compile_custom(rule.db, rule.hook, key, items).map(Some),
     }
 }
 
@@ -261,7 +261,13 @@ impl Dispatcher {
                     },
                     false,
                 ),
-                Some(Builtin::RetainDelete) if empty_retained => (WriteOp::RetainDelete { topic: msg.topic.clone() }, false),
+                Some(Builtin::RetainDelete) if empty_retained => (
+                    WriteOp::RetainDelete {
+                        topic: msg.topic.clone(),
+                        msgid: msg.msgid,
+                    },
+                    false,
+                ),
                 Some(_) => continue,
                 None => match b.custom_op(&ev, &self.node) {
                     Some(op) => (op, true),
