@@ -469,16 +469,21 @@ impl Backend for SqliteBackend {
 mod tests {
     use super::*;
 
-    #[test]
-    fn commits_are_synced_to_disk_by_default() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A backend on the default pool settings, its file in `dir`.
+    fn backend(dir: &Path) -> SqliteBackend {
         let pool = PoolConf {
             db: crate::config::Db::Sqlite,
             name: "pool1".into(),
             attrs: Default::default(),
             origin: crate::config::Origin::Default,
         };
-        let b = SqliteBackend::open(&pool, dir.path()).unwrap();
+        SqliteBackend::open(&pool, dir).unwrap()
+    }
+
+    #[test]
+    fn commits_are_synced_to_disk_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path());
         let level: i64 = b.writer.lock().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(level, 2, "FULL: the no-loss PUBACK needs the commit on disk");
     }
@@ -486,13 +491,7 @@ mod tests {
     #[tokio::test]
     async fn a_retained_delete_leaves_a_newer_retained_message() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = PoolConf {
-            db: crate::config::Db::Sqlite,
-            name: "pool1".into(),
-            attrs: Default::default(),
-            origin: crate::config::Origin::Default,
-        };
-        let b = SqliteBackend::open(&pool, dir.path()).unwrap();
+        let b = backend(dir.path());
         let msg = |msgid: u64| {
             std::sync::Arc::new(crate::model::Message {
                 msgid,
