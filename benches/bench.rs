@@ -52,6 +52,9 @@ fn main() {
         if all || which.contains(&"fetch") {
             fetch().await;
         }
+        if all || which.contains(&"qos0") {
+            qos0_default_conf().await;
+        }
         if all || which.contains(&"memory") {
             memory().await;
         }
@@ -830,4 +833,27 @@ async fn fetch() {
             "msg/s",
         );
     }
+}
+
+/// QoS0 deliveries through a broker on the shipped SQLite conf (which stores QoS 1/2 and
+/// retained messages, so a plain QoS0 message has nothing to store) vs the same broker with no
+/// backend loaded, alternating rounds.
+async fn qos0_default_conf() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/plugins/emqx_backend_sqlite.conf")).unwrap();
+    let (_d1, with) = our_broker(Some(("sqlite", shipped)), "").await;
+    let (_d2, without) = our_broker(None, "").await;
+    let n = 150_000u64;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        a.push(pub_sub(with.addr, n, 0, &format!("q0d{round}")).await);
+        b.push(pub_sub(without.addr, n, 0, &format!("q0n{round}")).await);
+    }
+    row(
+        &format!("1 pub → 1 sub, QoS0, {PAYLOAD} B, median of 3"),
+        "shipped SQLite conf",
+        median(a),
+        "no backend",
+        median(b),
+        "msg/s",
+    );
 }

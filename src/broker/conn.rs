@@ -156,7 +156,10 @@ struct Session {
     to_store: Vec<(Arc<Message>, Option<Arc<Ticket>>)>,
     wbuf: BytesMut,
     subs: HashMap<Arc<str>, u8>,
+    /// Publishes carry their msgid across the router (`Dispatcher::needs_meta`); plain QoS 0
+    /// ones only when `meta_qos0`.
     meta: bool,
+    meta_qos0: bool,
     out_meta: Vec<Option<(Meta, Bytes)>>,
     router_inflight: VecDeque<RouterInflight>,
     injected: HashMap<u16, Injected>,
@@ -310,6 +313,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let d = engine.dispatcher();
     let mut s = Session {
         meta: d.needs_meta(),
+        meta_qos0: d.needs_meta_qos0(),
         d,
         generation,
         engine: engine.clone(),
@@ -551,6 +555,7 @@ impl Session {
             self.generation = g;
             self.d = self.engine.dispatcher();
             self.meta = self.d.needs_meta();
+            self.meta_qos0 = self.d.needs_meta_qos0();
         }
     }
 
@@ -637,8 +642,11 @@ impl Session {
             .broker
             .messages_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let has_rules = self.d.has(Hook::MessagePublish);
-        if has_rules || self.meta {
+        // A plain QoS 0 message that no rule writes and nothing reads the msgid of costs no
+        // msgid, no allocation and no dispatch.
+        let has_rules = self.d.writes_publish(qos, publish.retain);
+        let meta = if qos > 0 { self.meta } else { self.meta_qos0 };
+        if has_rules || meta {
             let msg = Arc::new(Message {
                 msgid: self.engine.msgids.next(),
                 sender: self.client.clientid.clone(),
@@ -664,7 +672,7 @@ impl Session {
                     publish.retain = false;
                 }
             }
-            if self.meta {
+            if meta {
                 props.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
             }
         }

@@ -114,6 +114,10 @@ pub struct Dispatcher {
     no_loss: bool,
     retain_in_db: Vec<Option<String>>,
     has_retain_lookup: bool,
+    /// Some `message.publish` rule may write a QoS 0 message that is not retained
+    /// (`on_message_store`, keep-latest, a rule's own statements): without one, such a
+    /// message costs the hooks nothing.
+    writes_plain_qos0: bool,
     fetch_timeout: Duration,
     pub pools: Vec<Arc<Pool>>,
 }
@@ -169,6 +173,13 @@ impl Dispatcher {
         let has_retain_lookup = hooks
             .get(&Hook::SessionSubscribed)
             .is_some_and(|r| r.iter().any(|b| b.rule.builtin() == Some(Builtin::RetainLookup)));
+        let writes_plain_qos0 = hooks.get(&Hook::MessagePublish).is_some_and(|r| {
+            r.iter().any(|b| {
+                b.rule
+                    .builtin()
+                    .is_none_or(|f| matches!(f, Builtin::MessageStore | Builtin::StoreKeepLatest))
+            })
+        });
         let mut seen = HashSet::new();
         let pools: Vec<Arc<Pool>> = pools
             .values()
@@ -182,6 +193,7 @@ impl Dispatcher {
             no_loss,
             retain_in_db,
             has_retain_lookup,
+            writes_plain_qos0,
             fetch_timeout: conf.broker.fetch_timeout,
             pools,
         }
@@ -206,6 +218,19 @@ impl Dispatcher {
             .iter()
             .any(|b| b.rule.builtin().is_some_and(|f| f.delivers_stored() && f != Builtin::RetainLookup));
         self.has(Hook::MessageDelivered) || self.has(Hook::MessageAcked) || fetches
+    }
+
+    /// Whether `message.publish` rules may write anything for a message of this QoS and retain
+    /// flag: a plain QoS 0 message with the default rules (which store QoS 1/2 and retained
+    /// messages) needs no msgid, no event, no dispatch.
+    pub fn writes_publish(&self, qos: u8, retain: bool) -> bool {
+        self.has(Hook::MessagePublish) && (qos > 0 || retain || self.writes_plain_qos0)
+    }
+
+    /// [`needs_meta`](Self::needs_meta) for a plain QoS 0 message (one without the retain flag
+    /// or with it): it is never acked, and fetches only deduplicate messages a rule stores.
+    pub fn needs_meta_qos0(&self) -> bool {
+        self.has(Hook::MessageDelivered) || (self.writes_plain_qos0 && self.needs_meta())
     }
 
     /// When the database keeps retained messages and serves lookups, the router must not
