@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod matrix;
+
 const PAYLOAD: usize = 100;
 
 fn main() {
@@ -54,6 +56,9 @@ fn main() {
         }
         if all || which.contains(&"qos0") {
             qos0_default_conf().await;
+        }
+        if which.contains(&"matrix") {
+            matrix::matrix().await;
         }
         if all || which.contains(&"memory") {
             memory().await;
@@ -137,6 +142,29 @@ impl Raw {
     }
 }
 
+/// Decodes every whole packet in `r`, hands each PUBLISH to `each` and writes a PUBACK for each
+/// QoS 1 one into `out`.
+fn drain_publishes(r: &mut BytesMut, out: &mut BytesMut, mut each: impl FnMut(rumqttd::protocol::Publish)) {
+    loop {
+        let hdr = wire::peek_publish(r);
+        match V4.read_mut(r, 1 << 20) {
+            Ok(Packet::Publish(p, _)) => {
+                if let Some((1, pkid)) = hdr {
+                    let ack = PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    };
+                    V4.write(Packet::PubAck(ack, None), out).unwrap();
+                }
+                each(p);
+            }
+            Ok(_) => {}
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// Receives `n` publishes (acking QoS1), returns when all arrived. Payload bytes 0..8 carry
 /// the send time in µs since `epoch`, so latencies can be read.
 async fn subscriber(mut sub: Raw, n: u64, epoch: Instant, lat: Option<Arc<parking_lot::Mutex<Vec<u64>>>>) -> Instant {
@@ -144,34 +172,13 @@ async fn subscriber(mut sub: Raw, n: u64, epoch: Instant, lat: Option<Arc<parkin
     let mut out = BytesMut::new();
     loop {
         // Decode what is buffered, ack in one write.
-        loop {
-            let hdr = wire::peek_publish(&sub.r);
-            match V4.read_mut(&mut sub.r, 1 << 20) {
-                Ok(Packet::Publish(p, _)) => {
-                    got += 1;
-                    if let Some((1, pkid)) = hdr {
-                        V4.write(
-                            Packet::PubAck(
-                                PubAck {
-                                    pkid,
-                                    reason: PubAckReason::Success,
-                                },
-                                None,
-                            ),
-                            &mut out,
-                        )
-                        .unwrap();
-                    }
-                    if let Some(l) = &lat {
-                        let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
-                        l.lock().push(epoch.elapsed().as_micros() as u64 - sent);
-                    }
-                }
-                Ok(_) => {}
-                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => break,
-                Err(e) => panic!("{e}"),
+        drain_publishes(&mut sub.r, &mut out, |p| {
+            got += 1;
+            if let Some(l) = &lat {
+                let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+                l.lock().push(epoch.elapsed().as_micros() as u64 - sent);
             }
-        }
+        });
         if !out.is_empty() {
             sub.s.write_all(&out).await.unwrap();
             out.clear();
@@ -347,6 +354,7 @@ fn conf_dir(plugin: Option<(&str, String)>, extra: &str) -> (tempfile::TempDir, 
 /// share worker threads with the load generator's clients.
 struct OurBroker {
     addr: SocketAddr,
+    metrics: Arc<mqtt_persist::metrics::Registry>,
     _dir: tempfile::TempDir,
     _stop: std::sync::mpsc::Sender<()>,
 }
@@ -362,17 +370,18 @@ async fn our_broker(plugin: Option<(&str, String)>, extra: &str) -> (tempfile::T
             .build()
             .unwrap();
         let broker = rt.block_on(mqtt_persist::app::start(&conf)).unwrap();
-        addr_tx.send(broker.addr).unwrap();
+        addr_tx.send((broker.addr, broker.engine.metrics.clone())).unwrap();
         let _ = stop_rx.recv();
         drop(broker);
         rt.shutdown_background();
     });
-    let addr = addr_rx.recv().unwrap();
+    let (addr, metrics) = addr_rx.recv().unwrap();
     let keep = tempfile::tempdir().unwrap();
     (
         dir,
         OurBroker {
             addr,
+            metrics,
             _dir: keep,
             _stop: stop_tx,
         },
@@ -457,36 +466,45 @@ async fn persisted(addr: SocketAddr, pubs: u64, per: u64, tag: &str) -> f64 {
     (pubs * per) as f64 / (end - t0).as_secs_f64()
 }
 
+/// The broker's batched `mqtt_msg` insert (one UNNEST statement per batch, autocommit).
+const PG_INSERT: &str = "INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived) SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[]) ON CONFLICT (msgid) DO NOTHING";
+
+/// One bare-ceiling transaction: `size` rows as the broker writes them, in one statement.
+async fn pg_insert_batch(
+    c: &tokio_postgres::Client,
+    st: &tokio_postgres::Statement,
+    ids: &mqtt_persist::broker::engine::MsgIdGen,
+    topic: &str,
+    size: usize,
+) {
+    let payload = [b'x'; PAYLOAD];
+    let msgids: Vec<i64> = (0..size).map(|_| ids.next() as i64).collect();
+    let now = mqtt_persist::model::now_ms();
+    c.execute(
+        st,
+        &[
+            &msgids,
+            &vec!["bench"; size],
+            &vec![topic; size],
+            &vec![1i16; size],
+            &vec![false; size],
+            &vec![&payload[..]; size],
+            &vec![now; size],
+        ],
+    )
+    .await
+    .unwrap();
+}
+
 async fn pgsql() {
     let (db, c, pool) = pg_fresh_db().await;
     let n = 200_000u64;
     // Ceiling: the same UNNEST statement, batches of 1000 rows, from this process.
-    let sender = "bench";
-    let topic = "bench/ceiling";
-    let payload = [b'x'; PAYLOAD];
-    let st = c
-        .prepare("INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived) SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[]) ON CONFLICT (msgid) DO NOTHING")
-        .await
-        .unwrap();
+    let st = c.prepare(PG_INSERT).await.unwrap();
     let t0 = Instant::now();
     let ids = mqtt_persist::broker::engine::MsgIdGen::new(9);
     for _ in 0..n / 1000 {
-        let msgids: Vec<i64> = (0..1000).map(|_| ids.next() as i64).collect();
-        let now = mqtt_persist::model::now_ms();
-        c.execute(
-            &st,
-            &[
-                &msgids,
-                &vec![sender; 1000],
-                &vec![topic; 1000],
-                &vec![1i16; 1000],
-                &vec![false; 1000],
-                &vec![&payload[..]; 1000],
-                &vec![now; 1000],
-            ],
-        )
-        .await
-        .unwrap();
+        pg_insert_batch(&c, &st, &ids, "bench/ceiling", 1000).await;
     }
     let ceiling = n as f64 / t0.elapsed().as_secs_f64();
     let (_d, ours) = our_broker(
@@ -539,49 +557,54 @@ async fn pg_drop_db(db: &str) {
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }
 
+/// One bare-ceiling pipeline: the keys the broker writes for `size` messages on one topic
+/// (hash + TTL per message; one multi-member ZADD, EXPIRE and topic-index ZADD per batch).
+fn redis_ceiling_pipe(ids: &mqtt_persist::broker::engine::MsgIdGen, topic: &str, size: usize) -> redis::Pipeline {
+    let payload = [b'x'; PAYLOAD];
+    let mut p = redis::pipe();
+    let zkey = format!("mqtt:msg:{topic}");
+    let mut members = Vec::with_capacity(size);
+    for _ in 0..size {
+        let id = ids.next();
+        let key = format!("mqtt:msg:{id}");
+        p.cmd("HSET")
+            .arg(&key)
+            .arg("id")
+            .arg(id)
+            .arg("from")
+            .arg("bench")
+            .arg("qos")
+            .arg(1)
+            .arg("topic")
+            .arg(topic)
+            .arg("payload")
+            .arg(&payload[..])
+            .arg("ts")
+            .arg(0)
+            .arg("retain")
+            .arg("false")
+            .ignore();
+        p.cmd("EXPIRE").arg(&key).arg(600).ignore();
+        members.push(format!("{id:020}"));
+    }
+    let z = p.cmd("ZADD").arg(&zkey);
+    for m in &members {
+        z.arg(0).arg(m);
+    }
+    z.ignore();
+    p.cmd("EXPIRE").arg(&zkey).arg(600).ignore();
+    p.cmd("ZADD").arg("mqtt:topics:msg").arg(0).arg(topic).ignore();
+    p
+}
+
 async fn redis_bench() {
     let mut c = redis_flushed().await;
     let n = 200_000u64;
-    let payload = [b'x'; PAYLOAD];
     let ids = mqtt_persist::broker::engine::MsgIdGen::new(9);
     let topic = format!("bench/ceiling/{}", mqtt_persist::model::now_ms());
     let t0 = Instant::now();
     for _ in 0..n / 1000 {
-        // The same keys the broker writes, with per-topic commands grouped per batch.
-        let mut p = redis::pipe();
-        let zkey = format!("mqtt:msg:{topic}");
-        let mut members = Vec::with_capacity(1000);
-        for _ in 0..1000 {
-            let id = ids.next();
-            let key = format!("mqtt:msg:{id}");
-            p.cmd("HSET")
-                .arg(&key)
-                .arg("id")
-                .arg(id)
-                .arg("from")
-                .arg("bench")
-                .arg("qos")
-                .arg(1)
-                .arg("topic")
-                .arg(&topic)
-                .arg("payload")
-                .arg(&payload[..])
-                .arg("ts")
-                .arg(0)
-                .arg("retain")
-                .arg("false")
-                .ignore();
-            p.cmd("EXPIRE").arg(&key).arg(600).ignore();
-            members.push(format!("{id:020}"));
-        }
-        let z = p.cmd("ZADD").arg(&zkey);
-        for m in &members {
-            z.arg(0).arg(m);
-        }
-        z.ignore();
-        p.cmd("EXPIRE").arg(&zkey).arg(600).ignore();
-        p.cmd("ZADD").arg("mqtt:topics:msg").arg(0).arg(&topic).ignore();
-        let _: () = p.query_async(&mut c).await.unwrap();
+        let _: () = redis_ceiling_pipe(&ids, &topic, 1000).query_async(&mut c).await.unwrap();
     }
     let ceiling = n as f64 / t0.elapsed().as_secs_f64();
     let (_d, ours) = our_broker(Some(("redis", redis_plugin())), "").await;

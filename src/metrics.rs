@@ -33,6 +33,12 @@ impl RuleMetrics {
         c.fetch_add(1, Relaxed);
     }
 
+    /// (writes observed, Σ enqueue → commit in µs).
+    pub fn latency_totals(&self) -> (u64, u64) {
+        let n = self.latency.iter().map(|c| c.load(Relaxed)).sum();
+        (n, self.latency_sum_us.load(Relaxed))
+    }
+
     /// Records one write's latency from enqueue to commit.
     pub fn observe(&self, d: Duration) {
         let ms = d.as_millis() as u64;
@@ -47,8 +53,25 @@ impl RuleMetrics {
 pub struct PoolMetrics {
     pub label: String,
     pub connected: AtomicBool,
+    /// Jobs the writer took from the queue and has not finished (pending and in flight).
     pub in_flight: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Database writes (batches, retries included), the ops they carried, the time they took,
+    /// and that time weighted by ops (Σ duration × ops: what an op spent in the database).
+    pub writes: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub write_us: AtomicU64,
+    pub write_op_us: AtomicU64,
+}
+
+impl PoolMetrics {
+    pub fn observe_write(&self, d: Duration, ops: usize) {
+        let us = d.as_micros() as u64;
+        self.writes.fetch_add(1, Relaxed);
+        self.write_ops.fetch_add(ops as u64, Relaxed);
+        self.write_us.fetch_add(us, Relaxed);
+        self.write_op_us.fetch_add(us * ops as u64, Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +133,14 @@ impl Registry {
                 "mqtt_persist_pool_queue_depth{{pool=\"{}\"}} {}",
                 p.label,
                 p.queue_depth.load(Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "mqtt_persist_pool_writes_total{{pool=\"{0}\"}} {1}\nmqtt_persist_pool_write_ops_total{{pool=\"{0}\"}} {2}\nmqtt_persist_pool_write_seconds_total{{pool=\"{0}\"}} {3}",
+                p.label,
+                p.writes.load(Relaxed),
+                p.write_ops.load(Relaxed),
+                p.write_us.load(Relaxed) as f64 / 1e6
             );
         }
         for r in self.rules.lock().iter() {

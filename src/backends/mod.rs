@@ -99,6 +99,30 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
+    /// Ops with equal keys are committed in the order they were queued; the writer may run
+    /// others side by side. The key is the row an op changes: a client's presence, pointers and
+    /// rule statements (by `client`, whose event made the op: per-client order), a topic's
+    /// retained or latest value, one message (its insert and its queue-model delete). Two
+    /// inserts of different messages commute: readers order them by msgid, not commit time.
+    pub fn order_key(&self, client: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match self {
+            WriteOp::ClientConnected { clientid, .. }
+            | WriteOp::ClientDisconnected { clientid, .. }
+            | WriteOp::AdvancePointer { clientid, .. }
+            | WriteOp::DeletePointer { clientid, .. } => (0u8, &**clientid).hash(&mut h),
+            WriteOp::Custom(_) => (0u8, client).hash(&mut h),
+            WriteOp::StoreMessage { msg, .. } => (1u8, msg.msgid).hash(&mut h),
+            WriteOp::DeleteMessage { msgid, .. } => (1u8, *msgid).hash(&mut h),
+            WriteOp::StoreLatest { msg, .. } => (2u8, &*msg.topic).hash(&mut h),
+            WriteOp::DeleteLatest { topic, .. } => (2u8, &**topic).hash(&mut h),
+            WriteOp::RetainUpsert { msg, .. } => (3u8, &*msg.topic).hash(&mut h),
+            WriteOp::RetainDelete { topic, .. } => (3u8, &**topic).hash(&mut h),
+        }
+        h.finish()
+    }
+
     /// For a guarded delete: the msgid below which stored rows go (`i64::MAX`: all of them).
     pub fn delete_below(msgid: u64) -> i64 {
         if msgid == 0 {
@@ -347,6 +371,12 @@ pub trait Backend: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, BResult<()>>;
     /// Start listening for server-side commands (Redis control channel), once the broker runs.
     fn start_control(&self, _sink: ControlSink) {}
+    /// How many batches the writer may have in [`write`](Self::write) at once (each on a
+    /// connection of its own, or pipelined on a shared one). Ops that must stay in order
+    /// ([`WriteOp::order_key`]) are never in two of them.
+    fn write_concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// Build a backend for a pool. `data_dir` anchors relative SQLite paths.

@@ -34,6 +34,8 @@ pub struct PgSettings {
     pub password: Option<String>,
     pub database: String,
     pub pool_size: usize,
+    /// Batches written at once, each in a connection of its own (at most `pool_size`).
+    pub write_concurrency: usize,
     pub prepare: bool,
     pub auto_create_schema: bool,
     pub connect_timeout: Duration,
@@ -85,6 +87,7 @@ impl PgSettings {
             password: pool.str("password").filter(|p| !p.is_empty()).map(str::to_string),
             database: pool.str_or("database", "mqtt").to_string(),
             pool_size: pool.num("pool_size", 8usize)?.max(1),
+            write_concurrency: pool.num("write_concurrency", 4usize)?.max(1),
             prepare: pool.flag("prepare", true)?,
             auto_create_schema: pool.flag("auto_create_schema", false)?,
             connect_timeout: Duration::from_millis(pool.num("connect_timeout", 5000u64)?),
@@ -96,6 +99,7 @@ impl PgSettings {
 pub struct PgBackend {
     label: String,
     pool: Pool,
+    write_concurrency: usize,
     prepare: bool,
     /// `prepare = off`: the parameter types the server reported for each custom statement,
     /// learned once, so values convert to them as with prepared statements.
@@ -168,6 +172,7 @@ impl PgBackend {
         let backend = PgBackend {
             label: pool.label(),
             pool: built,
+            write_concurrency: s.write_concurrency.min(s.pool_size),
             prepare: s.prepare,
             param_types: Default::default(),
         };
@@ -718,6 +723,10 @@ impl Bind<'_> {
 impl Backend for PgBackend {
     fn label(&self) -> &str {
         &self.label
+    }
+
+    fn write_concurrency(&self) -> usize {
+        self.write_concurrency
     }
 
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {

@@ -1,8 +1,10 @@
 //! The per-pool write queue: bounded, batched, retried, with completion signals.
 //!
-//! Hooks push [`Job`]s without waiting on the database. One writer task per pool drains what is
-//! queued into one batch (group commit), hands it to the backend, and retries transient
-//! failures with exponential backoff and jitter while the queue absorbs new work. A job may
+//! Hooks push [`Job`]s without waiting on the database. One writer task per pool forms batches
+//! of everything queued (group commit) and keeps up to the backend's
+//! [`write_concurrency`](Backend::write_concurrency) of them in flight, ops that must stay in
+//! order never in two at once; each batch retries transient failures with exponential backoff
+//! and jitter while the queue absorbs new work. A job may
 //! carry a [`Ticket`]; the ticket fires when every job holding it is done, which is how the
 //! no-loss mode sends a PUBACK only after the message is committed.
 
@@ -13,6 +15,9 @@ use crate::metrics::{PoolMetrics, RuleMetrics};
 use crate::model::Ticket;
 use crate::ratelimit::RateLimited;
 use futures::future::BoxFuture;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,11 +37,16 @@ pub struct Job {
     pub rule: Arc<RuleMetrics>,
     pub ticket: Option<Arc<Ticket>>,
     pub queued_at: Instant,
+    /// Jobs with the same key commit in queue order ([`WriteOp::order_key`]).
+    pub key: u64,
 }
 
 impl Job {
-    pub fn new(op: WriteOp, rule: Arc<RuleMetrics>, ticket: Option<Arc<Ticket>>) -> Job {
+    /// `client`: the client whose event made the op, which orders ops that name no row of
+    /// their own (a rule's statements).
+    pub fn new(op: WriteOp, rule: Arc<RuleMetrics>, ticket: Option<Arc<Ticket>>, client: &str) -> Job {
         Job {
+            key: op.order_key(client),
             op,
             rule,
             ticket,
@@ -82,15 +92,24 @@ impl WriteQueue {
             ..Default::default()
         });
         let health = Arc::new(Health::new(metrics.clone()));
+        let lanes = backend.write_concurrency().max(1);
         let w = Writer {
-            backend,
-            health: health.clone(),
-            metrics: metrics.clone(),
-            timeout: conf.timeout,
-            outage: None,
-            dead,
+            shared: Arc::new(Shared {
+                backend,
+                health: health.clone(),
+                metrics: metrics.clone(),
+                timeout: conf.timeout,
+                outage: Mutex::new(None),
+                dead,
+                spool: spool.map(tokio::sync::Mutex::new),
+            }),
+            batch_size: conf.batch_size.max(1),
+            linger: conf.linger,
+            lanes,
+            pending: VecDeque::new(),
+            busy: HashMap::new(),
         };
-        tokio::spawn(w.run(rx, conf.batch_size, conf.linger, spool));
+        tokio::spawn(w.run(rx));
         WriteQueue {
             tx,
             label,
@@ -146,82 +165,265 @@ pub async fn timed<T>(limit: Duration, f: BoxFuture<'_, BResult<T>>) -> BResult<
         .unwrap_or_else(|_| Err(BackendError::transient(format!("no answer within {} ms", limit.as_millis()))))
 }
 
-struct Writer {
+/// What every batch in flight shares with the pool's writer.
+struct Shared {
     backend: Arc<dyn Backend>,
     health: Arc<Health>,
     metrics: Arc<PoolMetrics>,
     timeout: Duration,
-    outage: Option<Outage>,
+    outage: Mutex<Option<Outage>>,
     dead: Arc<DeadLetter>,
+    /// Locked only around appends, checks and the replay (which runs with nothing in flight).
+    spool: Option<tokio::sync::Mutex<Spool>>,
 }
 
+/// One pool's writer: takes what is queued into `pending`, and keeps up to `lanes` batches in
+/// flight, each formed from everything pending that does not share an order key with a
+/// batch in flight (or with a job left behind for one): ops of one client, one topic's
+/// retained value, one message, commit in the order they were queued; the rest goes in
+/// parallel on the pool's connections.
+struct Writer {
+    shared: Arc<Shared>,
+    batch_size: usize,
+    linger: Duration,
+    lanes: usize,
+    pending: VecDeque<Job>,
+    /// Order keys of the batches in flight, with how many jobs hold each.
+    busy: HashMap<u64, usize>,
+}
+
+type InFlight = futures::stream::FuturesUnordered<BoxFuture<'static, Vec<u64>>>;
+
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>, batch_size: usize, linger: Duration, mut spool: Option<Spool>) {
-        let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
-        let mut ops: Vec<WriteOp> = Vec::with_capacity(batch_size);
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut inflight = InFlight::new();
+        let mut buf: Vec<Job> = Vec::with_capacity(self.batch_size);
+        let mut closed = false;
         // While writes wait in the spool, replay is attempted on a backoff schedule, not per
         // batch: new batches keep going to disk (and their acks out) in between.
         let mut replay_delay = MIN_BACKOFF;
         let mut next_replay = Instant::now();
+        // Pending jobs beyond this wait in the channel, whose bound is the back-pressure.
+        let cap = self.batch_size * self.lanes;
         loop {
-            if let Some(sp) = spool.as_mut().filter(|s| s.pending() && Instant::now() >= next_replay) {
-                // Replayed in order, before anything newer, once the database answers.
-                if self.replay(sp).await {
-                    tracing::info!(pool = self.backend.label(), "spooled writes replayed");
-                    self.back();
+            if self.spool_pending().await && Instant::now() >= next_replay {
+                // Replayed in order, before anything newer, with nothing else in flight.
+                while let Some(keys) = inflight.next().await {
+                    self.release(keys);
+                }
+                if self.replay().await {
+                    tracing::info!(pool = self.shared.backend.label(), "spooled writes replayed");
+                    self.shared.back();
                     replay_delay = MIN_BACKOFF;
                 } else {
                     next_replay = Instant::now() + jitter(replay_delay);
                     replay_delay = (replay_delay * 2).min(MAX_BACKOFF);
                 }
             }
-            let received = if spool.as_ref().is_some_and(Spool::pending) {
-                let until_replay = next_replay.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(until_replay, rx.recv_many(&mut jobs, batch_size)).await {
-                    Ok(n) => n,
-                    Err(_) => continue,
-                }
-            } else {
-                rx.recv_many(&mut jobs, batch_size).await
-            };
-            if received == 0 {
-                return; // every sender is gone: the pool was replaced or the broker stops
-            }
             // Group commit under light load: give a small batch a moment to grow, so a steady
             // trickle costs the database a few transactions per second instead of one per message.
-            if jobs.len() < batch_size / 8 && !linger.is_zero() {
-                let deadline = tokio::time::Instant::now() + linger;
-                while jobs.len() < batch_size {
-                    let room = batch_size - jobs.len();
-                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut jobs, room)).await {
-                        Ok(n) if n > 0 => {}
+            if inflight.is_empty()
+                && !closed
+                && !self.linger.is_zero()
+                && !self.pending.is_empty()
+                && self.pending.len() < self.batch_size / 8
+            {
+                let deadline = tokio::time::Instant::now() + self.linger;
+                while self.pending.len() < self.batch_size {
+                    let room = self.batch_size - self.pending.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut buf, room)).await {
+                        Ok(n) if n > 0 => self.take(&mut buf),
                         _ => break,
                     }
                 }
             }
-            ops.extend(jobs.iter().map(|j| j.op.clone()));
-            self.metrics.in_flight.store(jobs.len() as u64, Relaxed);
-            self.metrics.queue_depth.store(rx.len() as u64, Relaxed);
-            self.commit(&mut ops, &jobs, &mut spool).await;
-            ops.clear();
-            jobs.clear(); // drops tickets: acks may go out now
-            self.metrics.in_flight.store(0, Relaxed);
+            // Batches first, then parallel: another batch goes out beside those in flight only
+            // when a full one is waiting (the database falls behind even at full batches); a
+            // partial one waits for the connection in use and grows meanwhile.
+            while inflight.is_empty() || (inflight.len() < self.lanes && self.pending.len() >= self.batch_size) {
+                let Some(batch) = self.form() else { break };
+                inflight.push(self.start(batch));
+            }
+            self.shared
+                .metrics
+                .queue_depth
+                .store((rx.len() + self.pending.len()) as u64, Relaxed);
+            if closed && inflight.is_empty() && self.pending.is_empty() {
+                return; // every sender is gone: the pool was replaced or the broker stops
+            }
+            let room = cap.saturating_sub(self.pending.len());
+            let until_replay = tokio::time::Instant::from_std(next_replay);
+            let replay_wait = self.shared.spool.is_some() && self.spool_pending().await;
+            tokio::select! {
+                Some(keys) = inflight.next(), if !inflight.is_empty() => self.release(keys),
+                n = rx.recv_many(&mut buf, room), if room > 0 && !closed => {
+                    if n == 0 {
+                        closed = true;
+                    } else {
+                        self.take(&mut buf);
+                    }
+                }
+                _ = tokio::time::sleep_until(until_replay), if replay_wait => {}
+                // Unreachable (a full `pending` means a batch is in flight), but never a panic.
+                else => tokio::task::yield_now().await,
+            }
+        }
+    }
+
+    fn take(&mut self, buf: &mut Vec<Job>) {
+        self.shared.metrics.in_flight.fetch_add(buf.len() as u64, Relaxed);
+        self.pending.extend(buf.drain(..));
+    }
+
+    /// The next batch: pending jobs in queue order, skipping (and holding back everything
+    /// after) any whose order key a batch in flight holds.
+    fn form(&mut self) -> Option<Vec<Job>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let mut batch = Vec::with_capacity(self.pending.len().min(self.batch_size));
+        if self.busy.is_empty() {
+            let n = self.pending.len().min(self.batch_size);
+            batch.extend(self.pending.drain(..n));
+        } else {
+            let mut held: Vec<Job> = Vec::new();
+            let mut blocked: HashSet<u64> = HashSet::new();
+            // Bounded work per batch: what lies further back waits for the next one.
+            let mut scan = self.batch_size * 2;
+            while batch.len() < self.batch_size && scan > 0 {
+                let Some(j) = self.pending.pop_front() else { break };
+                scan -= 1;
+                if self.busy.contains_key(&j.key) || blocked.contains(&j.key) {
+                    blocked.insert(j.key);
+                    held.push(j);
+                } else {
+                    batch.push(j);
+                }
+            }
+            for j in held.into_iter().rev() {
+                self.pending.push_front(j);
+            }
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        for j in &batch {
+            *self.busy.entry(j.key).or_default() += 1;
+        }
+        Some(batch)
+    }
+
+    fn release(&mut self, keys: Vec<u64>) {
+        self.shared.metrics.in_flight.fetch_sub(keys.len() as u64, Relaxed);
+        for k in keys {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.busy.entry(k) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    /// Writes one batch to its end; yields the order keys it held, its tickets dropped (acks
+    /// may go out).
+    fn start(&self, jobs: Vec<Job>) -> BoxFuture<'static, Vec<u64>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let mut ops: Vec<WriteOp> = jobs.iter().map(|j| j.op.clone()).collect();
+            shared.commit(&mut ops, &jobs).await;
+            jobs.into_iter().map(|j| j.key).collect()
+        })
+    }
+
+    async fn spool_pending(&self) -> bool {
+        match &self.shared.spool {
+            Some(sp) => sp.lock().await.pending(),
+            None => false,
+        }
+    }
+
+    /// Writes every spooled batch in order; clears the spool when all landed.
+    async fn replay(&mut self) -> bool {
+        let s = &*self.shared;
+        let Some(sp) = &s.spool else { return true };
+        let mut sp = sp.lock().await;
+        if let Err(e) = timed(s.probe_timeout(), s.backend.ping()).await {
+            s.down(&e);
+            return false;
+        }
+        let batches = match sp.read_all() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(pool = s.backend.label(), error = %e, "cannot read the spool");
+                return false;
+            }
+        };
+        for batch in &batches {
+            match timed(s.timeout, s.backend.write(batch)).await {
+                Ok(_) => {}
+                Err(e) if e.transient => {
+                    s.down(&e);
+                    return false;
+                }
+                Err(_) => {
+                    for op in batch {
+                        match timed(s.timeout, s.backend.write(std::slice::from_ref(op))).await {
+                            Ok(_) => {}
+                            Err(e) if e.transient => {
+                                s.down(&e);
+                                return false;
+                            }
+                            Err(e) => {
+                                // Acked when it reached the spool: keep it where an operator finds it.
+                                tracing::warn!(pool = s.backend.label(), error = %e.message, "spooled write refused by the database");
+                                let mut rec = serde_json::Map::new();
+                                rec.insert("pool".into(), s.backend.label().into());
+                                rec.insert("op".into(), serde_json::to_value(op).unwrap_or_default());
+                                let _ = s.dead.record(&e.message, rec);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match sp.clear() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(pool = s.backend.label(), error = %e, "cannot clear the spool");
+                false
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Appends a batch to the spool when one is in use and already holds writes (newer writes
+    /// must not overtake them); true when it did, so the batch's acks may go out.
+    async fn behind_spool(&self, ops: &[WriteOp], jobs: &[Job]) -> bool {
+        match &self.spool {
+            Some(sp) => {
+                let mut sp = sp.lock().await;
+                sp.pending() && spool_jobs(&*self.backend, &mut sp, ops, jobs)
+            }
+            None => false,
         }
     }
 
     /// Writes one batch until it is committed, spooled, or refused by the database. After a
     /// failure the retry resumes after what the backend reports as already committed: whole
     /// ops, then the first statements of the next op's list.
-    async fn commit(&mut self, ops: &mut [WriteOp], jobs: &[Job], spool: &mut Option<Spool>) {
+    async fn commit(&self, ops: &mut [WriteOp], jobs: &[Job]) {
         let mut done = 0;
         while done < ops.len() {
             let (ops_left, jobs_left) = (&ops[done..], &jobs[done..]);
-            if let Some(sp) = spool.as_mut().filter(|s| s.pending()) {
-                if spool_jobs(&*self.backend, sp, ops_left, jobs_left) {
-                    return;
-                }
+            if self.behind_spool(ops_left, jobs_left).await {
+                return;
             }
-            match timed(self.timeout, self.backend.write(ops_left)).await {
+            let started = Instant::now();
+            let r = timed(self.timeout, self.backend.write(ops_left)).await;
+            self.metrics.observe_write(started.elapsed(), ops_left.len());
+            match r {
                 Ok(written) => {
                     self.back();
                     committed(jobs_left, &written.refused);
@@ -244,8 +446,8 @@ impl Writer {
                     }
                     let wait = self.down(&e);
                     // With a spool, the rest of the batch goes to disk and its acks go out now.
-                    if let Some(sp) = spool.as_mut() {
-                        if spool_jobs(&*self.backend, sp, &ops[done..], &jobs[done..]) {
+                    if let Some(sp) = &self.spool {
+                        if spool_jobs(&*self.backend, &mut *sp.lock().await, &ops[done..], &jobs[done..]) {
                             return;
                         }
                     }
@@ -261,24 +463,27 @@ impl Writer {
     }
 
     /// A transient failure: opens the circuit; logs once per outage, not per batch.
-    fn down(&mut self, e: &BackendError) -> Duration {
+    fn down(&self, e: &BackendError) -> Duration {
         let label = self.backend.label();
-        let o = self.outage.get_or_insert_with(|| {
-            tracing::error!(pool = label, error = %e.message, "database write failed; retrying with backoff");
-            Outage {
-                since: Instant::now(),
-                failures: 0,
-            }
-        });
-        o.failures += 1;
-        tracing::debug!(pool = label, error = %e.message, failures = o.failures, "write attempt failed");
+        {
+            let mut outage = self.outage.lock();
+            let o = outage.get_or_insert_with(|| {
+                tracing::error!(pool = label, error = %e.message, "database write failed; retrying with backoff");
+                Outage {
+                    since: Instant::now(),
+                    failures: 0,
+                }
+            });
+            o.failures += 1;
+            tracing::debug!(pool = label, error = %e.message, failures = o.failures, "write attempt failed");
+        }
         self.health.failed()
     }
 
     /// The database answered: close the circuit and say so if it was an outage.
-    fn back(&mut self) {
+    fn back(&self) {
         self.health.succeeded();
-        if let Some(o) = self.outage.take() {
+        if let Some(o) = self.outage.lock().take() {
             tracing::info!(
                 pool = self.backend.label(),
                 failures = o.failures,
@@ -295,7 +500,7 @@ impl Writer {
     }
 
     /// Waits, pings, and backs off further until the database answers a ping.
-    async fn probe(&mut self, mut wait: Duration) {
+    async fn probe(&self, mut wait: Duration) {
         loop {
             tokio::time::sleep(wait).await;
             match timed(self.probe_timeout(), self.backend.ping()).await {
@@ -305,60 +510,9 @@ impl Writer {
         }
     }
 
-    /// Writes every spooled batch in order; clears the spool when all landed.
-    async fn replay(&mut self, sp: &mut Spool) -> bool {
-        if let Err(e) = timed(self.probe_timeout(), self.backend.ping()).await {
-            self.down(&e);
-            return false;
-        }
-        let batches = match sp.read_all() {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(pool = self.backend.label(), error = %e, "cannot read the spool");
-                return false;
-            }
-        };
-        for batch in &batches {
-            match timed(self.timeout, self.backend.write(batch)).await {
-                Ok(_) => {}
-                Err(e) if e.transient => {
-                    self.down(&e);
-                    return false;
-                }
-                Err(_) => {
-                    for op in batch {
-                        match timed(self.timeout, self.backend.write(std::slice::from_ref(op))).await {
-                            Ok(_) => {}
-                            Err(e) if e.transient => {
-                                self.down(&e);
-                                return false;
-                            }
-                            Err(e) => {
-                                // Acked when it reached the spool: keep it where an operator finds it.
-                                tracing::warn!(pool = self.backend.label(), error = %e.message, "spooled write refused by the database");
-                                let mut rec = serde_json::Map::new();
-                                rec.insert("pool".into(), self.backend.label().into());
-                                rec.insert("op".into(), serde_json::to_value(op).unwrap_or_default());
-                                let _ = self.dead.record(&e.message, rec);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        match sp.clear() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(pool = self.backend.label(), error = %e, "cannot clear the spool");
-                false
-            }
-        }
-    }
-
     /// After a refused batch: each op alone, so only the bad one fails.
-    async fn one_by_one(&mut self, ops: &[WriteOp], jobs: &[Job], first: &BackendError) {
-        let backend = self.backend.clone();
-        let label = backend.label();
+    async fn one_by_one(&self, ops: &[WriteOp], jobs: &[Job], first: &BackendError) {
+        let label = self.backend.label();
         if jobs.len() == 1 {
             RuleMetrics::inc(&jobs[0].rule.failed);
             jobs[0].refused(&first.message);
@@ -504,4 +658,142 @@ impl Spool {
 struct Outage {
     since: Instant,
     failures: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::{Cursor, FetchRequest, Page, Written};
+    use crate::model::Message;
+
+    /// Records every write: which ops were in flight together, and the order ops committed.
+    struct Recorder {
+        in_flight: Mutex<Vec<u64>>,
+        committed: Mutex<Vec<WriteOp>>,
+        overlap: std::sync::atomic::AtomicUsize,
+        max_parallel: std::sync::atomic::AtomicUsize,
+        parallel: std::sync::atomic::AtomicUsize,
+    }
+
+    fn key(op: &WriteOp) -> u64 {
+        op.order_key("c")
+    }
+
+    impl Backend for Recorder {
+        fn label(&self) -> &str {
+            "test:pool1"
+        }
+        fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {
+            Box::pin(async move {
+                let keys: Vec<u64> = ops.iter().map(key).collect();
+                {
+                    let mut f = self.in_flight.lock();
+                    if keys.iter().any(|k| f.contains(k)) {
+                        self.overlap.fetch_add(1, Relaxed);
+                    }
+                    f.extend(&keys);
+                }
+                let now = self.parallel.fetch_add(1, Relaxed) + 1;
+                self.max_parallel.fetch_max(now, Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                self.parallel.fetch_sub(1, Relaxed);
+                self.committed.lock().extend(ops.iter().cloned());
+                let mut f = self.in_flight.lock();
+                for k in &keys {
+                    let i = f.iter().position(|x| x == k).unwrap();
+                    f.swap_remove(i);
+                }
+                Ok(Written::default())
+            })
+        }
+        fn fetch<'a>(&'a self, _: &'a FetchRequest, _: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+            unimplemented!()
+        }
+        fn retained<'a>(&'a self, _: &'a str, _: Option<&'a Cursor>) -> BoxFuture<'a, BResult<Page>> {
+            unimplemented!()
+        }
+        fn subscriptions<'a>(&'a self, _: &'a str) -> BoxFuture<'a, BResult<Vec<(String, u8)>>> {
+            unimplemented!()
+        }
+        fn delete_expired(&self, _: i64) -> BoxFuture<'_, BResult<u64>> {
+            unimplemented!()
+        }
+        fn ping(&self) -> BoxFuture<'_, BResult<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_concurrency(&self) -> usize {
+            4
+        }
+    }
+
+    fn msg(msgid: u64, topic: &str) -> Arc<Message> {
+        Arc::new(Message {
+            msgid,
+            sender: "c".into(),
+            username: None,
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: 1,
+            retain: true,
+            timestamp: 0,
+        })
+    }
+
+    /// Batches run side by side once a full one waits, yet ops with one order key (a topic's
+    /// retained value) are never in two writes at once and commit in the order queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_batches_keep_the_order_of_each_key() {
+        let rec = Arc::new(Recorder {
+            in_flight: Mutex::new(Vec::new()),
+            committed: Mutex::new(Vec::new()),
+            overlap: Default::default(),
+            max_parallel: Default::default(),
+            parallel: Default::default(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let dead = DeadLetter::new(dir.path().join("dead.jsonl"), Default::default());
+        let conf = WriterConf {
+            capacity: 100_000,
+            batch_size: 50,
+            linger: Duration::ZERO,
+            timeout: Duration::from_secs(5),
+        };
+        let q = WriteQueue::spawn(rec.clone(), conf, None, dead);
+        let rule = RuleMetrics::new("r".into());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let n = 4000u64;
+        for i in 1..=n {
+            let op = if i % 10 == 0 {
+                WriteOp::RetainUpsert {
+                    msg: msg(i, &format!("t/{}", i % 3)),
+                    ttl: Duration::ZERO,
+                }
+            } else {
+                WriteOp::StoreMessage {
+                    msg: msg(i, "m"),
+                    ttl: Duration::ZERO,
+                }
+            };
+            let ticket = Ticket::new(i, tx.clone());
+            assert_eq!(q.push(Job::new(op, rule.clone(), Some(ticket), "c")).await, Enqueue::Queued);
+        }
+        drop(tx);
+        let mut done = 0;
+        while let Some((_, outcome)) = rx.recv().await {
+            outcome.unwrap();
+            done += 1;
+        }
+        assert_eq!(done, n, "every ticket fired");
+        assert_eq!(rec.overlap.load(Relaxed), 0, "ops of one key were in two writes at once");
+        assert!(rec.max_parallel.load(Relaxed) > 1, "batches never ran side by side");
+        let committed = rec.committed.lock();
+        assert_eq!(committed.len() as u64, n);
+        let mut last: HashMap<String, u64> = HashMap::new();
+        for op in committed.iter() {
+            if let WriteOp::RetainUpsert { msg, .. } = op {
+                let prev = last.insert(msg.topic.to_string(), msg.msgid).unwrap_or(0);
+                assert!(prev < msg.msgid, "{} committed after {prev} on {}", msg.msgid, msg.topic);
+            }
+        }
+    }
 }

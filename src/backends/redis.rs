@@ -106,6 +106,8 @@ pub struct RedisSettings {
     pub password: Option<String>,
     pub channel: String,
     pub tls: Option<super::tls::TlsFiles>,
+    /// Batches pipelined at once on the pool's connection.
+    pub write_concurrency: usize,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -160,6 +162,7 @@ impl RedisSettings {
             password: pool.str("password").filter(|p| !p.is_empty()).map(str::to_string),
             channel: pool.str_or("channel", "mqtt_channel").to_string(),
             tls,
+            write_concurrency: pool.num("write_concurrency", 4usize)?.max(1),
         })
     }
 
@@ -894,6 +897,10 @@ fn parse_message(m: &HashMap<String, Vec<u8>>) -> Option<StoredMessage> {
 impl Backend for RedisBackend {
     fn label(&self) -> &str {
         &self.label
+    }
+
+    fn write_concurrency(&self) -> usize {
+        self.settings.write_concurrency
     }
 
     fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {

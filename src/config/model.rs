@@ -69,6 +69,7 @@ impl Db {
                 "prepare",
                 "auto_create_schema",
                 "connect_timeout",
+                "write_concurrency",
             ],
             Db::Mysql => &[
                 "server",
@@ -94,6 +95,7 @@ impl Db {
                 "cafile",
                 "certfile",
                 "keyfile",
+                "write_concurrency",
             ],
             Db::Mongo => &[
                 "type",

@@ -299,7 +299,7 @@ impl Dispatcher {
                     None => continue,
                 },
             };
-            let job = Job::new(op, b.metrics.clone(), None);
+            let job = Job::new(op, b.metrics.clone(), None, &msg.sender);
             match ticket {
                 Some(t) if stores || msg.retain => {
                     b.pool
@@ -375,7 +375,9 @@ impl Dispatcher {
                 },
             };
             RuleMetrics::inc(&b.metrics.matched);
-            b.pool.queue.try_push(Job::new(op, b.metrics.clone(), ticket.cloned()));
+            b.pool
+                .queue
+                .try_push(Job::new(op, b.metrics.clone(), ticket.cloned(), ev.clientid()));
         }
     }
 
