@@ -25,10 +25,8 @@ fn main() {
     }
     let which: Vec<&str> = args.iter().skip(1).filter(|a| !a.starts_with('-')).map(String::as_str).collect();
     let all = which.is_empty() || which.contains(&"all");
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    // As `mqtt-persist run` logs (rumqttd's per-packet spans off), to stderr.
+    mqtt_persist::app::init_logging(tracing_subscriber::EnvFilter::from_default_env(), std::io::stderr);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -867,12 +865,12 @@ async fn qos0_default_conf() {
     let (_d2, without) = our_broker(None, "").await;
     let n = 150_000u64;
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    for round in 0..3 {
+    for round in 0..5 {
         a.push(pub_sub(with.addr, n, 0, &format!("q0d{round}")).await);
         b.push(pub_sub(without.addr, n, 0, &format!("q0n{round}")).await);
     }
     row(
-        &format!("1 pub → 1 sub, QoS0, {PAYLOAD} B, median of 3"),
+        &format!("1 pub → 1 sub, QoS0, {PAYLOAD} B, median of 5"),
         "shipped SQLite conf",
         median(a),
         "no backend",

@@ -218,3 +218,23 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
         _storage_rt: storage_rt,
     })
 }
+
+/// Installs the log subscriber: `filter` decides what is logged, except that rumqttd's
+/// per-packet spans are never recorded. rumqttd opens one at ERROR level for every PUBLISH
+/// with the topic formatted into it, on the router thread that every message passes; its
+/// events (warnings, errors) still log.
+pub fn init_logging<W>(filter: tracing_subscriber::EnvFilter, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::prelude::*;
+    let no_rumqttd_spans = tracing_subscriber::filter::filter_fn(|m| !(m.is_span() && m.target().starts_with("rumqttd")));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_filter(no_rumqttd_spans)
+                .with_filter(filter),
+        )
+        .init();
+}

@@ -152,7 +152,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},rumqttd=warn", conf.broker.log_level)));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    mqtt_persist::app::init_logging(filter, std::io::stdout);
     for w in &conf.warnings {
         tracing::warn!("{w}");
     }

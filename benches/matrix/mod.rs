@@ -8,7 +8,7 @@
 //! (1: more alternate the ceiling and each broker, and report medians),
 //! `BENCH_PEERS=off` skips the no-database and Mosquitto rows. `BENCH_VARIANTS` runs several
 //! broker confs side by side, cell by cell: `|` between variants, `;` between the plugin lines
-//! of one, lines of other databases ignored (e.g.
+//! of one; `backend.` lines of other databases are ignored, other lines go to the broker's conf (e.g.
 //! `backend.pgsql.pool1.write_concurrency = 1|backend.pgsql.pool1.write_concurrency = 2`).
 
 use super::*;
@@ -554,7 +554,13 @@ pub async fn matrix() {
         let mut db = Db::open(kind).await;
         let mut brokers = Vec::new();
         for v in &variants {
-            brokers.push((v.clone(), our_broker(Some(db.plugin(v)), "").await));
+            // Lines outside `backend.` (persist.*, …) go to the broker's own conf.
+            let broker_lines: Vec<&str> = v
+                .split(';')
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("backend."))
+                .collect();
+            brokers.push((v.clone(), our_broker(Some(db.plugin(v)), &broker_lines.join("\n")).await));
         }
         for &(window, p) in &cells {
             let per = n / p;
