@@ -667,12 +667,15 @@ mod tests {
     use crate::model::Message;
 
     /// Records every write: which ops were in flight together, and the order ops committed.
+    #[derive(Default)]
     struct Recorder {
         in_flight: Mutex<Vec<u64>>,
         committed: Mutex<Vec<WriteOp>>,
         overlap: std::sync::atomic::AtomicUsize,
         max_parallel: std::sync::atomic::AtomicUsize,
         parallel: std::sync::atomic::AtomicUsize,
+        /// While set, every write and ping fails as an unreachable server would.
+        down: std::sync::atomic::AtomicBool,
     }
 
     fn key(op: &WriteOp) -> u64 {
@@ -685,6 +688,10 @@ mod tests {
         }
         fn write<'a>(&'a self, ops: &'a [WriteOp]) -> BoxFuture<'a, BResult<Written>> {
             Box::pin(async move {
+                if self.down.load(Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    return Err(BackendError::transient("connection refused"));
+                }
                 let keys: Vec<u64> = ops.iter().map(key).collect();
                 {
                     let mut f = self.in_flight.lock();
@@ -719,7 +726,13 @@ mod tests {
             unimplemented!()
         }
         fn ping(&self) -> BoxFuture<'_, BResult<()>> {
-            Box::pin(async { Ok(()) })
+            Box::pin(async move {
+                if self.down.load(Relaxed) {
+                    Err(BackendError::transient("connection refused"))
+                } else {
+                    Ok(())
+                }
+            })
         }
         fn write_concurrency(&self) -> usize {
             4
@@ -743,25 +756,30 @@ mod tests {
     /// retained value) are never in two writes at once and commit in the order queued.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn parallel_batches_keep_the_order_of_each_key() {
-        let rec = Arc::new(Recorder {
-            in_flight: Mutex::new(Vec::new()),
-            committed: Mutex::new(Vec::new()),
-            overlap: Default::default(),
-            max_parallel: Default::default(),
-            parallel: Default::default(),
-        });
+        let rec = Arc::new(Recorder::default());
         let dir = tempfile::tempdir().unwrap();
-        let dead = DeadLetter::new(dir.path().join("dead.jsonl"), Default::default());
+        let q = spawn(&rec, dir.path(), None);
+        push_all(&q, 4000).await;
+        assert!(rec.max_parallel.load(Relaxed) > 1, "batches never ran side by side");
+        check(&rec, 4000);
+    }
+
+    fn spawn(rec: &Arc<Recorder>, dir: &std::path::Path, spool: Option<Spool>) -> WriteQueue {
+        let dead = DeadLetter::new(dir.join("dead.jsonl"), Default::default());
         let conf = WriterConf {
             capacity: 100_000,
             batch_size: 50,
             linger: Duration::ZERO,
             timeout: Duration::from_secs(5),
         };
-        let q = WriteQueue::spawn(rec.clone(), conf, None, dead);
+        WriteQueue::spawn(rec.clone(), conf, spool, dead)
+    }
+
+    /// Queues `n` writes holding tickets (every tenth a retained upsert on one of three topics)
+    /// and waits until every ticket fired, each committed (or spooled).
+    async fn push_all(q: &WriteQueue, n: u64) {
         let rule = RuleMetrics::new("r".into());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let n = 4000u64;
         for i in 1..=n {
             let op = if i % 10 == 0 {
                 WriteOp::RetainUpsert {
@@ -784,8 +802,12 @@ mod tests {
             done += 1;
         }
         assert_eq!(done, n, "every ticket fired");
+    }
+
+    /// All `n` ops reached the database once, no key was in two writes at once, and each
+    /// topic's retained upserts committed in queue order.
+    fn check(rec: &Recorder, n: u64) {
         assert_eq!(rec.overlap.load(Relaxed), 0, "ops of one key were in two writes at once");
-        assert!(rec.max_parallel.load(Relaxed) > 1, "batches never ran side by side");
         let committed = rec.committed.lock();
         assert_eq!(committed.len() as u64, n);
         let mut last: HashMap<String, u64> = HashMap::new();
@@ -795,5 +817,26 @@ mod tests {
                 assert!(prev < msg.msgid, "{} committed after {prev} on {}", msg.msgid, msg.topic);
             }
         }
+    }
+
+    /// During an outage batches in flight side by side go to the spool (their tickets fire: on
+    /// disk counts as kept) and so does everything after them; once the database answers, the
+    /// replay writes it all once, each topic's retained upserts still in queue order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_spools_parallel_batches_and_replays_them_in_order() {
+        let rec = Arc::new(Recorder::default());
+        rec.down.store(true, Relaxed);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().join("spool").join("test.spool"), 64 << 20).unwrap();
+        let q = spawn(&rec, dir.path(), Some(spool));
+        push_all(&q, 3000).await;
+        assert!(rec.committed.lock().is_empty(), "nothing reached the database while it was down");
+        rec.down.store(false, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (rec.committed.lock().len() as u64) < 3000 {
+            assert!(Instant::now() < deadline, "spooled writes were not replayed within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        check(&rec, 3000);
     }
 }
