@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The latency benchmark with the database servers on a vCPU of their own, as a stand-in for a
+# Benchmarks (the latency one unless scenarios are given) with the database servers on a vCPU of their own, as a stand-in for a
 # database on its own host (these machines have no second host): a throwaway PostgreSQL and a
 # throwaway Redis are pinned to the last CPU, the benchmark process (load generator and both
 # brokers) to the others. Both sides of every ratio run on the same CPUs, so the ratio is the
 # broker's cost of persisting, without the database server's own CPU on the broker's cores.
 #
-#   scripts/bench-db-apart.sh            # pgsql and redis
+#   scripts/bench-db-apart.sh            # the latency benchmark, pgsql and redis
 #   BENCH_LAT_DB=pgsql scripts/bench-db-apart.sh
+#   BENCH_DB=pgsql,redis scripts/bench-db-apart.sh matrix   # any scenarios, e.g. the matrix
 #
 # Needs PostgreSQL's server binaries and redis-server (scripts/test.sh installs both) and root
 # or the postgres user (initdb refuses to run as root, so it runs as postgres).
@@ -46,4 +47,4 @@ export REDIS_URL="redis://127.0.0.1:$redis_port/"
 export BENCH_LAT_DB="${BENCH_LAT_DB:-pgsql,redis}"
 cargo bench --bench bench --no-run >/dev/null 2>&1 || cargo bench --bench bench --no-run
 echo "database servers on CPU $db_cpu, benchmark on CPUs $bench_cpus"
-taskset -c "$bench_cpus" cargo bench --bench bench -- latency
+taskset -c "$bench_cpus" cargo bench --bench bench -- "${@:-latency}"
