@@ -122,6 +122,20 @@ pub struct Dispatcher {
     pub pools: Vec<Arc<Pool>>,
 }
 
+/// Whether the builtin `f` of a `message.publish` rule writes anything for a message of this
+/// QoS, retain flag and payload: the one place that decides, for the dispatch and for the
+/// connection's shortcut past the hooks for plain QoS 0 ([`Dispatcher::writes_publish`]).
+fn publish_builtin_writes(f: Builtin, qos: u8, retain: bool, empty_payload: bool) -> bool {
+    let empty_retained = retain && empty_payload;
+    match f {
+        Builtin::MessagePublish => qos > 0 && !empty_retained,
+        Builtin::MessageStore | Builtin::StoreKeepLatest => !empty_retained,
+        Builtin::MessageRetain => retain && !empty_payload,
+        Builtin::RetainDelete => empty_retained,
+        _ => false,
+    }
+}
+
 impl Dispatcher {
     /// Binds rules to connected pools (keyed `db:pool`); `custom` is [`compile`]'s answer for
     /// the same configuration.
@@ -174,11 +188,8 @@ impl Dispatcher {
             .get(&Hook::SessionSubscribed)
             .is_some_and(|r| r.iter().any(|b| b.rule.builtin() == Some(Builtin::RetainLookup)));
         let writes_plain_qos0 = hooks.get(&Hook::MessagePublish).is_some_and(|r| {
-            r.iter().any(|b| {
-                b.rule
-                    .builtin()
-                    .is_none_or(|f| matches!(f, Builtin::MessageStore | Builtin::StoreKeepLatest))
-            })
+            r.iter()
+                .any(|b| b.rule.builtin().is_none_or(|f| publish_builtin_writes(f, 0, false, false)))
         });
         let mut seen = HashSet::new();
         let pools: Vec<Arc<Pool>> = pools
@@ -256,37 +267,30 @@ impl Dispatcher {
                 continue;
             }
             RuleMetrics::inc(&b.metrics.matched);
-            let empty_retained = msg.retain && msg.payload.is_empty();
             let (op, stores) = match b.rule.builtin() {
-                Some(Builtin::MessagePublish) if msg.qos > 0 && !empty_retained => (
+                Some(f) if !publish_builtin_writes(f, msg.qos, msg.retain, msg.payload.is_empty()) => continue,
+                Some(Builtin::MessagePublish | Builtin::MessageStore) => (
                     WriteOp::StoreMessage {
                         msg: msg.clone(),
                         ttl: b.rule.expired_time,
                     },
                     true,
                 ),
-                Some(Builtin::MessageStore) if !empty_retained => (
-                    WriteOp::StoreMessage {
-                        msg: msg.clone(),
-                        ttl: b.rule.expired_time,
-                    },
-                    true,
-                ),
-                Some(Builtin::StoreKeepLatest) if !empty_retained => (
+                Some(Builtin::StoreKeepLatest) => (
                     WriteOp::StoreLatest {
                         msg: msg.clone(),
                         ttl: b.rule.expired_time,
                     },
                     true,
                 ),
-                Some(Builtin::MessageRetain) if msg.retain && !msg.payload.is_empty() => (
+                Some(Builtin::MessageRetain) => (
                     WriteOp::RetainUpsert {
                         msg: msg.clone(),
                         ttl: b.rule.expired_time,
                     },
                     false,
                 ),
-                Some(Builtin::RetainDelete) if empty_retained => (
+                Some(Builtin::RetainDelete) => (
                     WriteOp::RetainDelete {
                         topic: msg.topic.clone(),
                         msgid: msg.msgid,
