@@ -104,23 +104,36 @@ impl WriteOp {
     /// rule statements (by `client`, whose event made the op: per-client order), a topic's
     /// retained or latest value, one message (its insert and its queue-model delete). Two
     /// inserts of different messages commute: readers order them by msgid, not commit time.
+    ///
+    /// Computed for every queued write on the publishing connection, so it is a cheap mix, not
+    /// SipHash: two rows that collide only wait for each other, which is safe.
     pub fn order_key(&self, client: &str) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        fn text(kind: u64, s: &str) -> u64 {
+            // FNV-1a over the bytes, seeded by the kind of row.
+            s.bytes().fold(0xcbf2_9ce4_8422_2325 ^ kind, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+        }
+        fn id(msgid: u64) -> u64 {
+            // splitmix64's finalizer: neighbouring msgids spread over the whole range.
+            let mut z = msgid ^ 0x9e37_79b9_7f4a_7c15;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
         match self {
             WriteOp::ClientConnected { clientid, .. }
             | WriteOp::ClientDisconnected { clientid, .. }
             | WriteOp::AdvancePointer { clientid, .. }
-            | WriteOp::DeletePointer { clientid, .. } => (0u8, &**clientid).hash(&mut h),
-            WriteOp::Custom(_) => (0u8, client).hash(&mut h),
-            WriteOp::StoreMessage { msg, .. } => (1u8, msg.msgid).hash(&mut h),
-            WriteOp::DeleteMessage { msgid, .. } => (1u8, *msgid).hash(&mut h),
-            WriteOp::StoreLatest { msg, .. } => (2u8, &*msg.topic).hash(&mut h),
-            WriteOp::DeleteLatest { topic, .. } => (2u8, &**topic).hash(&mut h),
-            WriteOp::RetainUpsert { msg, .. } => (3u8, &*msg.topic).hash(&mut h),
-            WriteOp::RetainDelete { topic, .. } => (3u8, &**topic).hash(&mut h),
+            | WriteOp::DeletePointer { clientid, .. } => text(0, clientid),
+            WriteOp::Custom(_) => text(0, client),
+            WriteOp::StoreMessage { msg, .. } => id(msg.msgid),
+            WriteOp::DeleteMessage { msgid, .. } => id(*msgid),
+            WriteOp::StoreLatest { msg, .. } => text(2, &msg.topic),
+            WriteOp::DeleteLatest { topic, .. } => text(2, topic),
+            WriteOp::RetainUpsert { msg, .. } => text(3, &msg.topic),
+            WriteOp::RetainDelete { topic, .. } => text(3, topic),
         }
-        h.finish()
     }
 
     /// For a guarded delete: the msgid below which stored rows go (`i64::MAX`: all of them).

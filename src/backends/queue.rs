@@ -192,7 +192,13 @@ struct Writer {
     busy: HashMap<u64, usize>,
 }
 
-type InFlight = futures::stream::FuturesUnordered<BoxFuture<'static, Vec<u64>>>;
+type InFlight = futures::stream::FuturesUnordered<BoxFuture<'static, Done>>;
+
+/// A finished batch: how many jobs it held, and their order keys (with more than one lane).
+struct Done {
+    jobs: usize,
+    keys: Vec<u64>,
+}
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
@@ -208,8 +214,8 @@ impl Writer {
         loop {
             if self.spool_pending().await && Instant::now() >= next_replay {
                 // Replayed in order, before anything newer, with nothing else in flight.
-                while let Some(keys) = inflight.next().await {
-                    self.release(keys);
+                while let Some(done) = inflight.next().await {
+                    self.release(done);
                 }
                 if self.replay().await {
                     tracing::info!(pool = self.shared.backend.label(), "spooled writes replayed");
@@ -253,9 +259,9 @@ impl Writer {
             }
             let room = cap.saturating_sub(self.pending.len());
             let until_replay = tokio::time::Instant::from_std(next_replay);
-            let replay_wait = self.shared.spool.is_some() && self.spool_pending().await;
+            let replay_wait = self.spool_pending().await;
             tokio::select! {
-                Some(keys) = inflight.next(), if !inflight.is_empty() => self.release(keys),
+                Some(done) = inflight.next(), if !inflight.is_empty() => self.release(done),
                 n = rx.recv_many(&mut buf, room), if room > 0 && !closed => {
                     if n == 0 {
                         closed = true;
@@ -307,15 +313,18 @@ impl Writer {
         if batch.is_empty() {
             return None;
         }
-        for j in &batch {
-            *self.busy.entry(j.key).or_default() += 1;
+        // With one lane no batch ever starts beside another: nothing to track.
+        if self.lanes > 1 {
+            for j in &batch {
+                *self.busy.entry(j.key).or_default() += 1;
+            }
         }
         Some(batch)
     }
 
-    fn release(&mut self, keys: Vec<u64>) {
-        self.shared.metrics.in_flight.fetch_sub(keys.len() as u64, Relaxed);
-        for k in keys {
+    fn release(&mut self, done: Done) {
+        self.shared.metrics.in_flight.fetch_sub(done.jobs as u64, Relaxed);
+        for k in done.keys {
             if let std::collections::hash_map::Entry::Occupied(mut e) = self.busy.entry(k) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
@@ -325,14 +334,21 @@ impl Writer {
         }
     }
 
-    /// Writes one batch to its end; yields the order keys it held, its tickets dropped (acks
-    /// may go out).
-    fn start(&self, jobs: Vec<Job>) -> BoxFuture<'static, Vec<u64>> {
+    /// Writes one batch to its end; yields what it held, its tickets dropped (acks may go out).
+    fn start(&self, jobs: Vec<Job>) -> BoxFuture<'static, Done> {
         let shared = self.shared.clone();
+        let tracked = self.lanes > 1;
         Box::pin(async move {
             let mut ops: Vec<WriteOp> = jobs.iter().map(|j| j.op.clone()).collect();
             shared.commit(&mut ops, &jobs).await;
-            jobs.into_iter().map(|j| j.key).collect()
+            Done {
+                jobs: jobs.len(),
+                keys: if tracked {
+                    jobs.iter().map(|j| j.key).collect()
+                } else {
+                    Vec::new()
+                },
+            }
         })
     }
 
@@ -344,7 +360,7 @@ impl Writer {
     }
 
     /// Writes every spooled batch in order; clears the spool when all landed.
-    async fn replay(&mut self) -> bool {
+    async fn replay(&self) -> bool {
         let s = &*self.shared;
         let Some(sp) = &s.spool else { return true };
         let mut sp = sp.lock().await;
