@@ -163,6 +163,18 @@ fn drain_publishes(r: &mut BytesMut, out: &mut BytesMut, mut each: impl FnMut(ru
     }
 }
 
+/// Decodes every whole packet in `r` and hands each PUBACK's packet id to `each`.
+fn drain_pubacks(r: &mut BytesMut, mut each: impl FnMut(u16)) {
+    loop {
+        match V4.read_mut(r, 1 << 20) {
+            Ok(Packet::PubAck(a, _)) => each(a.pkid),
+            Ok(_) => {}
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// Receives `n` publishes (acking QoS1), returns when all arrived. Payload bytes 0..8 carry
 /// the send time in µs since `epoch`, so latencies can be read.
 async fn subscriber(mut sub: Raw, n: u64, epoch: Instant, lat: Option<Arc<parking_lot::Mutex<Vec<u64>>>>) -> Instant {
@@ -201,16 +213,9 @@ async fn publisher(p: Raw, topic: &str, n: u64, qos: u8, window: u64, rate: Opti
         let mut r = p.r;
         tokio::spawn(async move {
             loop {
-                loop {
-                    match V4.read_mut(&mut r, 1 << 20) {
-                        Ok(Packet::PubAck(..)) => {
-                            acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(rumqttd::protocol::Error::InsufficientBytes(_)) => break,
-                        Err(e) => panic!("{e}"),
-                    }
-                }
+                drain_pubacks(&mut r, |_| {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                });
                 notify.notify_one();
                 if acked.load(Ordering::Relaxed) >= n {
                     return;

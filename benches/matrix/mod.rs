@@ -125,22 +125,14 @@ async fn checked_publisher(p: Raw, topic: String, idx: u32, n: u64, window: u64)
         tokio::spawn(async move {
             let mut last = Instant::now();
             loop {
-                loop {
-                    match V4.read_mut(&mut r, 1 << 20) {
-                        Ok(Packet::PubAck(a, _)) => {
-                            let mut o = outstanding.lock();
-                            if std::mem::take(&mut o[a.pkid as usize]) {
-                                acked.fetch_add(1, Ordering::Relaxed);
-                                last = Instant::now();
-                            } else {
-                                dups.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(rumqttd::protocol::Error::InsufficientBytes(_)) => break,
-                        Err(e) => panic!("{e}"),
+                drain_pubacks(&mut r, |pkid| {
+                    if std::mem::take(&mut outstanding.lock()[pkid as usize]) {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        last = Instant::now();
+                    } else {
+                        dups.fetch_add(1, Ordering::Relaxed);
                     }
-                }
+                });
                 notify.notify_one();
                 if acked.load(Ordering::Relaxed) >= n {
                     return last;
