@@ -177,6 +177,8 @@ struct Session {
     lookups_running: Vec<(Arc<str>, watch::Receiver<()>)>,
     recent_injected: HashSet<u64>,
     will: Option<(rumqttd::protocol::LastWill, Option<rumqttd::protocol::LastWillProperties>)>,
+    /// Seconds the session outlives the connection (u32::MAX: for ever, 0: ends with it).
+    expiry: u32,
     reason: &'static str,
     closing: bool,
 }
@@ -227,7 +229,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
             Err(e) => return Err(ConnError::Protocol(e.to_string())),
         }
     };
-    let Packet::Connect(connect, _props, will, will_props, login) = packet else {
+    let Packet::Connect(connect, connect_props, will, will_props, login) = packet else {
         return Err(ConnError::Protocol("first packet is not CONNECT".into()));
     };
     // MQTT 1.5.4: a UTF-8 string never holds U+0000. rumqttd accepts it, and a database would
@@ -241,7 +243,8 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         Some((ConnectReturnCode::BadUserNamePassword, "user name holds a NUL character"))
     } else if !will_topic_ok {
         Some((ConnectReturnCode::TopicNameInvalid, "invalid will topic"))
-    } else if connect.client_id.is_empty() && !connect.clean_session {
+    } else if connect.client_id.is_empty() && !connect.clean_session && !codec.is_v5() {
+        // MQTT-3.1.3-8 (3.1.1 only; MQTT 5 assigns an id whatever Clean Start says).
         Some((ConnectReturnCode::ClientIdentifierNotValid, "empty client id without clean session"))
     } else {
         None
@@ -274,10 +277,37 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     };
     let router_id = wire::router_client_id(&clientid);
     let clean = connect.clean_session;
+    // How long the session outlives the connection, in seconds (u32::MAX: for ever): MQTT 5
+    // says so in CONNECT, 3.1.1 by clean session.
+    let expiry = if codec.is_v5() {
+        connect_props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0)
+    } else if clean {
+        0
+    } else {
+        u32::MAX
+    };
+    let shared_id: Arc<str> = clientid.as_str().into();
+    // A session that expired a moment ago may still be on its way out of the router.
+    for _ in 0..500 {
+        if !engine.is_discarding(&clientid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    engine.note_takeover(&shared_id, !clean);
     let eng = engine.clone();
-    let link = tokio::task::spawn_blocking(move || eng.link(&router_id, clean))
-        .await
-        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+    let link = tokio::task::spawn_blocking(move || {
+        if clean && expiry > 0 {
+            // Clean Start with a session that outlives this connection: end the old session,
+            // then open one the router keeps (a clean link would be forgotten at disconnect).
+            eng.end_router_session(&router_id);
+            eng.link(&router_id, false)
+        } else {
+            eng.link(&router_id, clean)
+        }
+    })
+    .await
+    .map_err(|e| ConnError::Protocol(e.to_string()))?;
     let (tx, mut rx, note) = link.map_err(|e| ConnError::Protocol(format!("router refused the link: {e}")))?;
     let session_present = match note {
         Notification::DeviceAck(ack) => matches!(Packet::from(ack), Packet::ConnAck(ConnAck { session_present: true, .. }, _)),
@@ -337,11 +367,17 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         lookups_running: Vec::new(),
         recent_injected: HashSet::new(),
         will: will.map(|w| (w, will_props)),
+        expiry,
         reason: "normal",
         closing: false,
     };
     let props = codec.is_v5().then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
+        max_packet_size: u32::try_from(max).ok(),
+        retain_available: Some(1),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(1),
+        shared_subscription_available: Some(0),
         ..Default::default()
     });
     s.write(Packet::ConnAck(
@@ -495,8 +531,23 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         let _ = writer.write_all(&s.wbuf).await;
     }
     let _ = writer.shutdown().await;
-    s.close(link_open).await;
+    let will = s.close(link_open).await;
     engine.unregister(&clientid, conn_id);
+    // What outlives the connection: its session until it expires (for ever: nothing to do),
+    // a delayed will. A session that ends with the connection ends now, unless the router
+    // forgets it by itself (a clean link).
+    let lingering = will.is_some() || (s.expiry != u32::MAX && !(s.expiry == 0 && clean));
+    if lingering && s.reason != "takenover" && engine.depart(&s.client.clientid, conn_id) {
+        tokio::spawn(departure(
+            engine.clone(),
+            s.d.clone(),
+            s.client.clone(),
+            conn_id,
+            s.expiry,
+            will,
+            s.meta,
+        ));
+    }
     engine.metrics.broker.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     result
 }
@@ -609,9 +660,16 @@ impl Session {
             Packet::Subscribe(sub, props) => self.subscribe(sub, props),
             Packet::Unsubscribe(unsub, _) => self.unsubscribe(unsub).await,
             Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)),
-            Packet::Disconnect(d, _) => {
+            Packet::Disconnect(d, props) => {
+                // 0x04: a normal end that still wants the will published.
                 if d.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {
                     self.will = None;
+                }
+                // MQTT-3.14.2-2: a session that ended with the connection cannot be revived.
+                if let Some(e) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.expiry > 0 {
+                        self.expiry = e;
+                    }
                 }
                 self.reason = "normal";
                 self.closing = true;
@@ -914,7 +972,7 @@ impl Session {
     }
 
     fn sync_session(&self) {
-        if !self.client.clean_start {
+        if self.expiry > 0 {
             let subs = self.subs.iter().map(|(f, q)| (f.to_string(), *q)).collect();
             self.engine.sessions.lock().insert(self.client.clientid.to_string(), subs);
         }
@@ -1169,11 +1227,24 @@ impl Session {
         }
     }
 
-    async fn close(&mut self, link_open: bool) {
+    /// Ends the connection. Returns the will when it is to be published later (MQTT 5 will
+    /// delay, while the session lasts): the caller waits for it.
+    async fn close(&mut self, link_open: bool) -> Option<Will> {
         self.queue_stores().await;
+        let mut delayed = None;
         if let Some((will, props)) = self.will.take() {
-            if self.reason != "normal" {
-                self.publish_will(will, props).await;
+            // Taken over by a connection that continues the session: the client is back.
+            let back = self.reason == "takenover" && self.engine.took_over(&self.client.clientid);
+            let delay = props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
+            if back {
+            } else if delay > 0 && self.expiry > 0 {
+                delayed = Some(Will {
+                    will,
+                    props,
+                    delay: delay.min(self.expiry),
+                });
+            } else {
+                publish_will(&self.engine, &self.d, &self.client, self.meta, will, props).await;
             }
         }
         if link_open {
@@ -1193,22 +1264,72 @@ impl Session {
             disconnected_at: at,
         });
         tracing::debug!(clientid = %self.client.clientid, reason = self.reason, "client disconnected");
+        delayed
     }
+}
 
-    async fn publish_will(&mut self, will: rumqttd::protocol::LastWill, props: Option<rumqttd::protocol::LastWillProperties>) {
+/// A will waiting for its delay (MQTT 5 will delay interval), in seconds.
+struct Will {
+    will: rumqttd::protocol::LastWill,
+    props: Option<rumqttd::protocol::LastWillProperties>,
+    delay: u32,
+}
+
+/// What outlives a connection: a delayed will, and the session until it expires. Both end
+/// when the client connects again first.
+async fn departure(
+    engine: Arc<Engine>,
+    d: Arc<Dispatcher>,
+    client: Arc<Client>,
+    conn_id: u64,
+    expiry: u32,
+    will: Option<Will>,
+    meta: bool,
+) {
+    let mut waited = 0u32;
+    if let Some(w) = will {
+        tokio::time::sleep(Duration::from_secs(u64::from(w.delay))).await;
+        waited = w.delay;
+        if !engine.still_departed(&client.clientid, conn_id, false) {
+            return;
+        }
+        publish_will(&engine, &d, &client, meta, w.will, w.props).await;
+    }
+    if expiry == u32::MAX {
+        return;
+    }
+    tokio::time::sleep(Duration::from_secs(u64::from(expiry - waited))).await;
+    if engine.still_departed(&client.clientid, conn_id, true) {
+        let router_id = wire::router_client_id(&client.clientid);
+        let cid = client.clientid.clone();
+        let eng = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || eng.discard_session(&cid, &router_id)).await;
+        tracing::debug!(clientid = %client.clientid, "session expired");
+    }
+}
+
+async fn publish_will(
+    engine: &Engine,
+    d: &Dispatcher,
+    client: &Client,
+    meta: bool,
+    will: rumqttd::protocol::LastWill,
+    props: Option<rumqttd::protocol::LastWillProperties>,
+) {
+    {
         let Ok(topic) = std::str::from_utf8(&will.topic) else { return };
         let msg = Arc::new(Message {
-            msgid: self.engine.msgids.next(),
-            sender: self.client.clientid.clone(),
-            username: self.client.username.clone(),
+            msgid: engine.msgids.next(),
+            sender: client.clientid.clone(),
+            username: client.username.clone(),
             topic: topic.into(),
             payload: will.message.clone(),
             qos: will.qos as u8,
             retain: will.retain,
             timestamp: now_ms(),
         });
-        self.d.publish(&msg, None).await;
-        let retain = will.retain && !self.d.retain_in_db(topic);
+        d.publish(&msg, None).await;
+        let retain = will.retain && !d.retain_in_db(topic);
         let publish = wire::build_publish(&will.topic, &will.message, 0, retain, 0);
         let mut p = props.map(|p| PublishProperties {
             payload_format_indicator: p.payload_format_indicator,
@@ -1220,10 +1341,10 @@ impl Session {
             ..Default::default()
         });
         strip_meta(&mut p);
-        if self.meta {
+        if meta {
             p.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
         }
-        self.engine.internal_publish(publish, p);
+        engine.internal_publish(publish, p);
     }
 }
 

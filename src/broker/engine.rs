@@ -40,6 +40,15 @@ pub struct Engine {
     /// Pointer deletes (unsubscribes) still queued, per client id and filter: a new
     /// subscription's fetch waits for them, from this connection or a later one (takeover).
     pointer_deletes: Mutex<PointerDeletes>,
+    /// Clients whose session or delayed will outlives their connection, by the connection id
+    /// that left: a new connection of the client removes the entry, and with it the pending
+    /// will and session end (MQTT 5 will delay, session expiry).
+    departed: Mutex<HashMap<Arc<str>, u64>>,
+    /// A new connection taking over a client id says whether it continues the session (the
+    /// old connection then publishes no will).
+    takeovers: Mutex<HashMap<Arc<str>, bool>>,
+    /// Client ids whose router session is being discarded; their next connection waits.
+    discarding: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 /// Closed when a queued pointer delete is done.
@@ -97,6 +106,9 @@ impl Engine {
             storage,
             dead_letter,
             pointer_deletes: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
+            takeovers: Mutex::new(HashMap::new()),
+            discarding: Mutex::new(Default::default()),
         });
         engine.start_internal_link();
         Ok(engine)
@@ -156,6 +168,7 @@ impl Engine {
             _ => now_ms,
         };
         clients.insert(clientid.to_string(), (id, at, tx));
+        self.departed.lock().remove(clientid);
         (id, at)
     }
 
@@ -164,6 +177,72 @@ impl Engine {
         if c.get(clientid).is_some_and(|(i, _, _)| *i == id) {
             c.remove(clientid);
         }
+    }
+
+    /// Connection `id` of `clientid` ended with its session (or a delayed will) still
+    /// pending. False when another connection of the client is already live: nothing is
+    /// pending then.
+    pub fn depart(&self, clientid: &Arc<str>, id: u64) -> bool {
+        let clients = self.clients.lock();
+        if clients.get(&**clientid).is_some_and(|(i, _, _)| *i != id) {
+            return false;
+        }
+        self.departed.lock().insert(clientid.clone(), id);
+        true
+    }
+
+    /// True while no connection of `clientid` came after connection `id` left; `claim`
+    /// also ends the wait (the caller now ends the session).
+    pub fn still_departed(&self, clientid: &str, id: u64, claim: bool) -> bool {
+        let clients = self.clients.lock();
+        let mut departed = self.departed.lock();
+        let gone = !clients.contains_key(clientid) && departed.get(clientid) == Some(&id);
+        if gone && claim {
+            departed.remove(clientid);
+            self.discarding.lock().insert(clientid.into());
+        }
+        gone
+    }
+
+    /// Ends a client's router session (its subscriptions and queued messages): a clean link of
+    /// the same name takes it over and closes. Blocking; the caller claimed the client id with
+    /// [`still_departed`](Self::still_departed).
+    pub fn discard_session(&self, clientid: &str, router_id: &str) {
+        self.end_router_session(router_id);
+        self.sessions.lock().remove(clientid);
+        self.discarding.lock().remove(clientid);
+    }
+
+    /// Makes the router forget the session of `router_id` (blocking).
+    pub fn end_router_session(&self, router_id: &str) {
+        match (self.links)(router_id, true) {
+            Ok((mut tx, _rx, _)) => {
+                let _ = futures::executor::block_on(tx.send(rumqttd::protocol::Packet::Disconnect(
+                    rumqttd::protocol::Disconnect {
+                        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                )));
+            }
+            Err(e) => tracing::warn!(client = %router_id, error = %e, "cannot end the router session"),
+        }
+    }
+
+    /// True while `clientid`'s ended session is being discarded.
+    pub fn is_discarding(&self, clientid: &str) -> bool {
+        self.discarding.lock().contains(clientid)
+    }
+
+    /// A new connection of `clientid` is about to take over any live one.
+    pub fn note_takeover(&self, clientid: &Arc<str>, continues_session: bool) {
+        if self.clients.lock().contains_key(&**clientid) {
+            self.takeovers.lock().insert(clientid.clone(), continues_session);
+        }
+    }
+
+    /// Whether the connection that took `clientid` over continues its session.
+    pub fn took_over(&self, clientid: &str) -> bool {
+        self.takeovers.lock().remove(clientid).unwrap_or(false)
     }
 
     /// Remembers a queued pointer delete of `clientid`'s `filter` until it is done.

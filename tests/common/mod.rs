@@ -4,6 +4,7 @@
 
 pub mod kits;
 pub mod servers;
+pub mod v5;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use rumqttd::protocol::{v4::V4, Protocol};
