@@ -219,3 +219,241 @@ async fn clean_start_with_an_expiry_starts_a_new_session_that_outlives_the_conne
     .await;
     assert!(ack.session_present, "the new session was kept");
 }
+
+fn limits(receive_max: Option<u16>, max_packet: Option<u32>, alias_max: Option<u16>) -> Hello {
+    let mut h = Hello::default();
+    h.props.receive_maximum = receive_max;
+    h.props.max_packet_size = max_packet;
+    h.props.topic_alias_max = alias_max;
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_keepalive_is_capped_by_server_keep_alive() {
+    let (_kit, b) = broker().await;
+    let hello = Hello {
+        keep_alive: 120,
+        ..Hello::default()
+    };
+    let (_c, ack) = V5::connected(b.addr, &unique("ka"), hello).await;
+    assert_eq!(ack.properties.unwrap().server_keep_alive, Some(60));
+    let (_c, ack) = V5::connected(b.addr, &unique("ka"), Hello::default()).await;
+    assert_eq!(ack.properties.unwrap().server_keep_alive, None, "30 s is granted as asked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_receive_maximum_bounds_unacked_live_deliveries() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/flow", unique("p"));
+    let (mut c, _) = V5::connected(b.addr, &unique("rm"), limits(Some(2), None, None)).await;
+    c.subscribe(&topic, QoS::AtLeastOnce).await;
+    for i in 0..5u8 {
+        c.publish(&topic, QoS::AtMostOnce, false, &[i], None).await;
+    }
+    // Published at QoS 0, delivered at the subscription's QoS 1 by the router: two may be
+    // unacked; the third comes only after an ack, and so on, in order.
+    let first = c.publish_in().await;
+    let second = c.publish_in().await;
+    assert_eq!((first.payload[0], second.payload[0]), (0, 1));
+    // Anything before the ack must not be a publish: a PINGREQ's answer proves the broker
+    // wrote what it had.
+    c.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq)).await;
+    assert!(
+        matches!(c.recv().await, Packet::PingResp(_)),
+        "a third publish went out beyond the receive maximum"
+    );
+    c.puback(first.pkid).await;
+    assert_eq!(c.publish_in().await.payload[0], 2);
+    c.puback(second.pkid).await;
+    assert_eq!(c.publish_in().await.payload[0], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_unacked_publishes_than_the_brokers_receive_maximum_is_a_disconnect_0x93() {
+    let kit = SqliteKit::new().await;
+    let b = BrokerProc::start_with("sqlite", &kit.plugin_conf(), "mqtt.max_inflight = 3");
+    let (mut c, ack) = V5::connected(b.addr, &unique("flood"), Hello::default()).await;
+    assert_eq!(ack.properties.unwrap().receive_max, Some(3));
+    for i in 1..=4u16 {
+        // QoS 2 without PUBREL: each stays in flight.
+        let p = Publish {
+            dup: false,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: format!("{}/x", unique("p")).into(),
+            pkid: i,
+            payload: "x".into(),
+            properties: None,
+        };
+        c.send(Packet::Publish(p)).await;
+    }
+    loop {
+        match c.recv_within(WAIT).await {
+            Some(Packet::PubRec(_)) => continue,
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, DisconnectReasonCode::ReceiveMaximumExceeded);
+                break;
+            }
+            other => panic!("expected DISCONNECT 0x93, got {other:?}\n{}", b.log()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_topic_aliases_resolve_and_a_bad_one_is_a_disconnect() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/alias", unique("p"));
+    let (mut s, _) = V5::connected(b.addr, &unique("s"), Hello::default()).await;
+    s.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut c, ack) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    assert!(ack.properties.unwrap().topic_alias_max.unwrap_or(0) > 0);
+    let alias = |n| {
+        Some(PublishProperties {
+            topic_alias: Some(n),
+            ..Default::default()
+        })
+    };
+    c.publish(&topic, QoS::AtLeastOnce, false, b"named", alias(1)).await;
+    c.publish("", QoS::AtLeastOnce, false, b"by alias", alias(1)).await;
+    for want in ["named", "by alias"] {
+        let p = s.publish_in().await;
+        assert_eq!(&p.topic[..], topic.as_bytes(), "the subscriber sees the topic, never the alias");
+        assert_eq!(&p.payload[..], want.as_bytes());
+        s.puback(p.pkid).await;
+    }
+    c.send(Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: topic.clone().into(),
+        pkid: 0,
+        payload: "zero".into(),
+        properties: alias(0),
+    }))
+    .await;
+    match c
+        .recv_within(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("closed without DISCONNECT\n{}", b.log()))
+    {
+        Packet::Disconnect(d) => assert_eq!(d.reason_code, DisconnectReasonCode::TopicAliasInvalid),
+        other => panic!("expected DISCONNECT 0x94, got {other:?}\n{}", b.log()),
+    }
+    // Aliases belong to one connection.
+    let (mut c, _) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    c.send(Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "".into(),
+        pkid: 0,
+        payload: "unknown".into(),
+        properties: alias(1),
+    }))
+    .await;
+    match c.recv().await {
+        Packet::Disconnect(d) => assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError),
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_uses_topic_aliases_when_the_client_allows_them() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/alias", unique("p"));
+    let (mut c, _) = V5::connected(b.addr, &unique("sa"), limits(None, None, Some(1))).await;
+    c.subscribe(&topic, QoS::AtMostOnce).await;
+    for _ in 0..3 {
+        c.publish(&topic, QoS::AtMostOnce, false, b"x", None).await;
+    }
+    let first = c.publish_in().await;
+    assert_eq!(&first.topic[..], topic.as_bytes());
+    let n = first.properties.and_then(|p| p.topic_alias).expect("an alias with the first");
+    for _ in 0..2 {
+        let p = c.publish_in().await;
+        assert!(p.topic.is_empty(), "the topic is left out once aliased");
+        assert_eq!(p.properties.and_then(|p| p.topic_alias), Some(n));
+    }
+    // Without the client's consent, never.
+    let (mut d, _) = V5::connected(b.addr, &unique("na"), Hello::default()).await;
+    d.subscribe(&topic, QoS::AtMostOnce).await;
+    d.publish(&topic, QoS::AtMostOnce, false, b"y", None).await;
+    let p = d.publish_in().await;
+    assert!(p.properties.and_then(|p| p.topic_alias).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_larger_than_the_client_accepts_are_not_sent() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/big", unique("p"));
+    let (mut c, _) = V5::connected(b.addr, &unique("mp"), limits(None, Some(64 + topic.len() as u32), None)).await;
+    c.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, &[7u8; 64], None).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, &[1u8; 8], None).await;
+    // The large one was dropped (and acked to the router as if delivered); the small one comes.
+    let got = c.publish_in().await;
+    assert_eq!(&got.payload[..], &[1u8; 8]);
+    c.puback(got.pkid).await;
+}
+
+/// The receive maximum holds for stored messages too: 5000 fetched from the database after a
+/// restart reach a client that allows 10 unacked, all of them, in order, never more than 10
+/// outstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_messages_respect_the_receive_maximum() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/many", unique("p"));
+    let id = unique("rm10");
+    let persistent = || {
+        let mut h = limits(Some(10), None, None);
+        h.props.session_expiry_interval = Some(u32::MAX);
+        h.clean_start = false;
+        h
+    };
+    let (mut c, _) = V5::connected(b.addr, &id, persistent()).await;
+    c.subscribe(&topic, QoS::AtLeastOnce).await;
+    c.disconnect(DisconnectReasonCode::NormalDisconnection).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    for i in 0..5000u32 {
+        p.send(Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.clone().into(),
+            pkid: (i % 60_000 + 1) as u16,
+            payload: i.to_be_bytes().to_vec().into(),
+            properties: None,
+        }))
+        .await;
+        if i % 500 == 499 {
+            // Drain the acks now and then so the publisher's own window stays small.
+            while let Some(Packet::PubAck(a)) = p.recv_within(WAIT).await {
+                if a.pkid == (i % 60_000 + 1) as u16 {
+                    break;
+                }
+            }
+        }
+    }
+    drop(p);
+    // The router forgets sessions at a restart; the database does not.
+    let b = b.restart();
+    let (mut c, ack) = V5::connected(b.addr, &id, persistent()).await;
+    assert!(!ack.session_present);
+    c.subscribe(&topic, QoS::AtLeastOnce).await;
+    let mut unacked = std::collections::VecDeque::new();
+    let mut next = 0u32;
+    while next < 5000 {
+        // Let the broker fill the window, then read what it sent; ack the oldest.
+        let p = c.publish_in().await;
+        let n = u32::from_be_bytes(p.payload[..4].try_into().unwrap());
+        assert_eq!(n, next, "in order");
+        next += 1;
+        unacked.push_back(p.pkid);
+        assert!(unacked.len() <= 10, "{} unacked deliveries", unacked.len());
+        if unacked.len() == 10 || next == 5000 {
+            let pkid = unacked.pop_front().unwrap();
+            c.puback(pkid).await;
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! client before its subscription's live traffic, with packet ids outside the router's 1..=100.
 
 use super::engine::Engine;
+use super::flow::{AliasError, Aliased, Deferred, InAliases, Inbound, Outbound};
 use super::wire::{self, Codec};
 use crate::hooks::Dispatcher;
 use crate::model::Control;
@@ -17,8 +18,8 @@ use futures::FutureExt;
 use rumqttd::local::LinkTx;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason,
-    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason, Unsubscribe,
+    PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, Subscribe,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Forward, Notification};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -120,6 +121,25 @@ struct Injected {
     topic: Arc<str>,
 }
 
+/// A publish held back by the client's Receive Maximum.
+struct Held {
+    publish: Publish,
+    props: Option<PublishProperties>,
+    qos: u8,
+    pkid: u16,
+    injected: bool,
+}
+
+/// What became of a publish for the client.
+#[derive(PartialEq, Eq)]
+enum Sent {
+    Now,
+    Later,
+    /// Larger than the client's Maximum Packet Size: dropped, handled as if delivered
+    /// (MQTT-3.1.2-25).
+    TooLarge,
+}
+
 /// A PUBACK/PUBREC held until storage committed (no-loss mode).
 #[derive(Default)]
 struct HeldAck {
@@ -179,6 +199,13 @@ struct Session {
     will: Option<(rumqttd::protocol::LastWill, Option<rumqttd::protocol::LastWillProperties>)>,
     /// Seconds the session outlives the connection (u32::MAX: for ever, 0: ends with it).
     expiry: u32,
+    /// The client's limits on what it is sent, and the publishes they hold back.
+    out: Outbound,
+    deferred: Deferred<Held>,
+    /// QoS 2 forwards dropped as too large for the client: the router's PUBREL is answered here.
+    swallow_pubrel: HashSet<u16>,
+    in_aliases: InAliases,
+    inbound: Inbound,
     reason: &'static str,
     closing: bool,
 }
@@ -277,6 +304,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     };
     let router_id = wire::router_client_id(&clientid);
     let clean = connect.clean_session;
+    let limits = engine.conf.mqtt;
+    // MQTT 5 clients asking for a longer keepalive are told the broker's (Server Keep Alive).
+    let keep_alive = if codec.is_v5() {
+        connect.keep_alive.min(limits.max_keepalive)
+    } else {
+        connect.keep_alive
+    };
     // How long the session outlives the connection, in seconds (u32::MAX: for ever): MQTT 5
     // says so in CONNECT, 3.1.1 by clean session.
     let expiry = if codec.is_v5() {
@@ -321,7 +355,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         peerhost: peer.ip().to_string(),
         peerport: peer.port(),
         proto_ver: level,
-        keepalive: connect.keep_alive,
+        keepalive: keep_alive,
         clean_start: clean,
         connected_at,
     });
@@ -368,11 +402,23 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         recent_injected: HashSet::new(),
         will: will.map(|w| (w, will_props)),
         expiry,
+        out: Outbound::new(
+            connect_props.as_ref().and_then(|p| p.receive_maximum),
+            connect_props.as_ref().and_then(|p| p.max_packet_size),
+            connect_props.as_ref().and_then(|p| p.topic_alias_max).filter(|_| codec.is_v5()),
+        ),
+        deferred: Deferred::new(),
+        swallow_pubrel: HashSet::new(),
+        in_aliases: InAliases::new(limits.max_topic_alias),
+        inbound: Inbound::default(),
         reason: "normal",
         closing: false,
     };
     let props = codec.is_v5().then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
+        receive_max: Some(limits.max_inflight),
+        topic_alias_max: Some(limits.max_topic_alias).filter(|m| *m > 0),
+        server_keep_alive: (connect.keep_alive > limits.max_keepalive).then_some(limits.max_keepalive),
         max_packet_size: u32::try_from(max).ok(),
         retain_available: Some(1),
         wildcard_subscription_available: Some(1),
@@ -404,7 +450,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         });
     }
 
-    let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keepalive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let far = Duration::from_secs(86_400 * 365);
     let idle = tokio::time::sleep(keepalive.unwrap_or(far));
     tokio::pin!(idle);
@@ -470,9 +516,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                         // The router dropped this link: another connection took the client id.
                         link_open = false;
                         s.reason = "takenover";
-                        if s.codec.is_v5() {
-                            s.write(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::SessionTakenOver }, None));
-                        }
+                        s.disconnect_v5(DisconnectReasonCode::SessionTakenOver);
                         break Ok(());
                     }
                 }
@@ -502,9 +546,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
             Some(cmd) = ctl_rx.recv() => s.control(cmd),
             _ = &mut idle => {
                 s.reason = "keepalive_timeout";
-                if s.codec.is_v5() {
-                    s.write(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::KeepAliveTimeout }, None));
-                }
+                s.disconnect_v5(DisconnectReasonCode::KeepAliveTimeout);
                 break Ok(());
             }
         }
@@ -560,6 +602,13 @@ enum Step {
 }
 
 impl Session {
+    /// Tells an MQTT 5 client why the broker closes the connection (3.1.1 has no way to).
+    fn disconnect_v5(&mut self, code: DisconnectReasonCode) {
+        if self.codec.is_v5() {
+            wire::disconnect_v5(code, &mut self.wbuf);
+        }
+    }
+
     fn write(&mut self, p: Packet) {
         if let Err(e) = self.codec.write(p, &mut self.wbuf) {
             tracing::warn!(clientid = %self.client.clientid, error = %e, "cannot encode packet");
@@ -618,6 +667,10 @@ impl Session {
             match self.codec.read(rbuf, max) {
                 Ok(p) => self.incoming(p, hdr).await?,
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e @ rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                    self.disconnect_v5(DisconnectReasonCode::PacketTooLarge);
+                    return Err(ConnError::Protocol(e.to_string()));
+                }
                 Err(e) => return Err(ConnError::Protocol(e.to_string())),
             }
             if self.closing {
@@ -635,7 +688,10 @@ impl Session {
                 let (qos, pkid) = hdr.unwrap_or((0, 0));
                 self.publish(publish, props, qos, pkid).await?;
             }
-            Packet::PubAck(ack, _) => self.client_ack(ack.pkid, AckKind::PubAck),
+            Packet::PubAck(ack, _) => {
+                self.client_ack(ack.pkid, AckKind::PubAck);
+                self.completed();
+            }
             Packet::PubRec(rec, _) => {
                 if self.injected.contains_key(&rec.pkid) {
                     self.write(Packet::PubRel(
@@ -655,6 +711,7 @@ impl Session {
                 } else {
                     self.to_router.push(Packet::PubComp(comp, None));
                 }
+                self.completed();
             }
             Packet::PubRel(rel, _) => self.to_router.push(Packet::PubRel(rel, None)),
             Packet::Subscribe(sub, props) => self.subscribe(sub, props),
@@ -680,18 +737,31 @@ impl Session {
     }
 
     async fn publish(&mut self, mut publish: Publish, mut props: Option<PublishProperties>, qos: u8, pkid: u16) -> Result<(), ConnError> {
+        if qos > 0 && !self.inbound.received(pkid, self.engine.conf.mqtt.max_inflight) {
+            self.disconnect_v5(DisconnectReasonCode::ReceiveMaximumExceeded);
+            return Err(ConnError::Protocol("more unacknowledged publishes than the receive maximum".into()));
+        }
+        if let Some(alias) = props.as_mut().and_then(|p| p.topic_alias.take()) {
+            match self.in_aliases.resolve(std::mem::take(&mut publish.topic), alias) {
+                Ok(t) => publish.topic = t,
+                Err(e) => {
+                    let code = match e {
+                        AliasError::Invalid => DisconnectReasonCode::TopicAliasInvalid,
+                        AliasError::Unknown => DisconnectReasonCode::ProtocolError,
+                    };
+                    self.disconnect_v5(code);
+                    return Err(ConnError::Protocol(format!("topic alias {alias}: {e:?}")));
+                }
+            }
+            if props.as_ref().is_some_and(|p| *p == PublishProperties::default()) {
+                props = None;
+            }
+        }
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return Err(ConnError::Protocol("topic is not UTF-8".into()));
         };
         if !crate::topic::valid_topic(topic) {
-            if self.codec.is_v5() {
-                self.write(Packet::Disconnect(
-                    Disconnect {
-                        reason_code: DisconnectReasonCode::TopicNameInvalid,
-                    },
-                    None,
-                ));
-            }
+            self.disconnect_v5(DisconnectReasonCode::TopicNameInvalid);
             return Err(ConnError::Protocol(format!("invalid topic name {topic:?}")));
         }
         strip_meta(&mut props);
@@ -773,6 +843,9 @@ impl Session {
     /// the router's own ack, or (v5, storage refused it) one with reason code 0x80.
     fn release_held(&mut self, pkid: u16, h: HeldAck) {
         let Some(ack) = h.router_ack else { return };
+        if h.failure.is_some() || matches!(ack, Packet::PubAck(..)) {
+            self.inbound.done(pkid);
+        }
         match (h.failure, ack) {
             (Some(_), Packet::PubAck(..)) => self.write(Packet::PubAck(
                 PubAck {
@@ -1008,6 +1081,22 @@ impl Session {
                 }
                 Packet::UnsubAck(..) | Packet::PingResp(_) | Packet::ConnAck(..) => Step::Continue,
                 Packet::PubComp(c, _) if self.swallow_pubcomp.remove(&c.pkid) => Step::Continue,
+                Packet::PubComp(c, _) => {
+                    self.inbound.done(c.pkid);
+                    self.write(Packet::PubComp(c, None));
+                    Step::Continue
+                }
+                Packet::PubRel(r, _) if self.swallow_pubrel.remove(&r.pkid) => {
+                    // The client never got this publish (too large): complete it for the router.
+                    self.to_router.push(Packet::PubComp(
+                        PubComp {
+                            pkid: r.pkid,
+                            reason: PubCompReason::Success,
+                        },
+                        None,
+                    ));
+                    Step::Continue
+                }
                 Packet::PubAck(ack, _) => {
                     self.publisher_ack(ack.pkid, Packet::PubAck(ack, None));
                     Step::Continue
@@ -1025,9 +1114,7 @@ impl Session {
             Notification::Unschedule => Step::Wake,
             Notification::Disconnect(d, _) => {
                 self.reason = "router_disconnect";
-                if self.codec.is_v5() {
-                    self.write(Packet::Disconnect(d, None));
-                }
+                self.disconnect_v5(d.reason_code);
                 Step::Close
             }
             _ => Step::Continue,
@@ -1044,7 +1131,12 @@ impl Session {
                 }
             }
             Some(h) => h.router_ack = Some(ack),
-            None => self.write(ack),
+            None => {
+                if matches!(ack, Packet::PubAck(..)) {
+                    self.inbound.done(pkid);
+                }
+                self.write(ack)
+            }
         }
     }
 
@@ -1063,13 +1155,25 @@ impl Session {
         let duplicate = meta.as_ref().is_some_and(|m| self.recent_injected.contains(&m.msgid));
         let topic = f.publish.topic.clone();
         let payload = f.publish.payload.clone();
-        let start = self.wbuf.len();
-        self.write(Packet::Publish(f.publish, f.properties));
-        let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
-        if duplicate && qos < 2 {
+        let (qos, pkid, sent) = if duplicate {
+            // Only its QoS and packet id are wanted.
+            let start = self.wbuf.len();
+            self.write(Packet::Publish(f.publish.clone(), None));
+            let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+            self.wbuf.truncate(start);
+            if qos == 2 {
+                let (qos, pkid, sent) = self.send_publish(f.publish, f.properties, false);
+                (qos, pkid, Some(sent))
+            } else {
+                (qos, pkid, None)
+            }
+        } else {
+            let (qos, pkid, sent) = self.send_publish(f.publish, f.properties, false);
+            (qos, pkid, Some(sent))
+        };
+        if sent.is_none() {
             // Already delivered from storage just before this live copy: drop it, and ack the
             // router ourselves when it expects an ack.
-            self.wbuf.truncate(start);
             if qos == 1 {
                 self.router_inflight.push_back(RouterInflight {
                     pkid,
@@ -1083,6 +1187,9 @@ impl Session {
             self.router_inflight.push_back(RouterInflight { pkid, ack: None });
             if let (Some(m), Some(slot)) = (&meta, self.out_meta.get_mut(pkid as usize)) {
                 *slot = Some((m.clone(), topic.clone()));
+            }
+            if sent == Some(Sent::TooLarge) {
+                self.dropped_publish(qos, pkid, false);
             }
         }
         if let Some(m) = meta {
@@ -1104,6 +1211,82 @@ impl Session {
                         qos,
                     });
                 }
+            }
+        }
+    }
+
+    /// Writes a publish to the client, or holds it back while the client's Receive Maximum is
+    /// reached (QoS 0 is never held). Returns its QoS and packet id as encoded.
+    fn send_publish(&mut self, publish: Publish, props: Option<PublishProperties>, injected: bool) -> (u8, u16, Sent) {
+        if !self.out.may_send() || !self.deferred.is_empty() {
+            let start = self.wbuf.len();
+            self.write(Packet::Publish(publish.clone(), None));
+            let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+            self.wbuf.truncate(start);
+            if qos > 0 {
+                self.deferred.push_back(Held {
+                    publish,
+                    props,
+                    qos,
+                    pkid,
+                    injected,
+                });
+                return (qos, pkid, Sent::Later);
+            }
+        }
+        self.emit(publish, props)
+    }
+
+    /// Encodes a publish with the client's topic aliases, unless it is larger than the client
+    /// accepts.
+    fn emit(&mut self, mut publish: Publish, mut props: Option<PublishProperties>) -> (u8, u16, Sent) {
+        let alias = self.out.alias(&publish.topic);
+        match alias {
+            Aliased::None => {}
+            Aliased::New(n) => props.get_or_insert_with(Default::default).topic_alias = Some(n),
+            Aliased::Known(n) => {
+                publish.topic = Bytes::new();
+                props.get_or_insert_with(Default::default).topic_alias = Some(n);
+            }
+        }
+        let start = self.wbuf.len();
+        self.write(Packet::Publish(publish, props));
+        let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+        if self.wbuf.len() - start > self.out.max_packet {
+            self.wbuf.truncate(start);
+            if let Aliased::New(n) = alias {
+                self.out.unalias(n);
+            }
+            return (qos, pkid, Sent::TooLarge);
+        }
+        if qos > 0 {
+            self.out.sent();
+        }
+        (qos, pkid, Sent::Now)
+    }
+
+    /// A QoS 1/2 publish the client cannot take (too large) counts as delivered.
+    fn dropped_publish(&mut self, qos: u8, pkid: u16, injected: bool) {
+        if injected {
+            if let Some(inj) = self.injected.remove(&pkid) {
+                self.fire_acked(inj.msgid, inj.topic);
+            }
+        } else if qos == 2 {
+            self.swallow_pubrel.insert(pkid);
+            self.client_ack(pkid, AckKind::PubRec);
+        } else {
+            self.client_ack(pkid, AckKind::PubAck);
+        }
+    }
+
+    /// The client completed a QoS 1/2 delivery: what its Receive Maximum held back may go.
+    fn completed(&mut self) {
+        self.out.completed();
+        while self.out.may_send() {
+            let Some(h) = self.deferred.pop_front() else { break };
+            let (_, _, sent) = self.emit(h.publish, h.props);
+            if sent == Sent::TooLarge {
+                self.dropped_publish(h.qos, h.pkid, h.injected);
             }
         }
     }
@@ -1159,7 +1342,7 @@ impl Session {
                 0
             };
             let publish = wire::build_publish(inj.msg.topic.as_bytes(), &inj.msg.payload, qos, inj.retained, pkid);
-            self.write(Packet::Publish(publish, None));
+            let (_, _, sent) = self.send_publish(publish, None, true);
             if !inj.retained {
                 self.recent_injected.insert(inj.msg.msgid);
             }
@@ -1172,6 +1355,9 @@ impl Session {
                         topic: topic.clone(),
                     },
                 );
+                if sent == Sent::TooLarge {
+                    self.dropped_publish(qos, pkid, true);
+                }
             }
             if self.d.has(Hook::MessageDelivered) {
                 let m = &inj.msg;

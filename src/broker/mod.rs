@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod engine;
+pub mod flow;
 pub mod wire;
 
 pub use engine::Engine;

@@ -98,6 +98,46 @@ pub fn build_publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: 
     Publish::deserialize(b.freeze())
 }
 
+/// An MQTT 5 DISCONNECT with `code` and an empty property list. rumqttd's v5 writer gets the
+/// remaining length wrong for any reason but 0x00 without properties (it writes `E0 01 82 00`),
+/// and the shorter valid form without the property length (`E0 01 82`) is more than some
+/// clients decode (rumqttc 0.24 waits for the missing byte).
+pub fn disconnect_v5(code: rumqttd::protocol::DisconnectReasonCode, buf: &mut BytesMut) {
+    use rumqttd::protocol::DisconnectReasonCode as C;
+    let byte = match code {
+        C::NormalDisconnection => 0x00,
+        C::DisconnectWithWillMessage => 0x04,
+        C::UnspecifiedError => 0x80,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::ImplementationSpecificError => 0x83,
+        C::NotAuthorized => 0x87,
+        C::ServerBusy => 0x89,
+        C::ServerShuttingDown => 0x8B,
+        C::KeepAliveTimeout => 0x8D,
+        C::SessionTakenOver => 0x8E,
+        C::TopicFilterInvalid => 0x8F,
+        C::TopicNameInvalid => 0x90,
+        C::ReceiveMaximumExceeded => 0x93,
+        C::TopicAliasInvalid => 0x94,
+        C::PacketTooLarge => 0x95,
+        C::MessageRateTooHigh => 0x96,
+        C::QuotaExceeded => 0x97,
+        C::AdministrativeAction => 0x98,
+        C::PayloadFormatInvalid => 0x99,
+        C::RetainNotSupported => 0x9A,
+        C::QoSNotSupported => 0x9B,
+        C::UseAnotherServer => 0x9C,
+        C::ServerMoved => 0x9D,
+        C::SharedSubscriptionNotSupported => 0x9E,
+        C::ConnectionRateExceeded => 0x9F,
+        C::MaximumConnectTime => 0xA0,
+        C::SubscriptionIdentifiersNotSupported => 0xA1,
+        C::WildcardSubscriptionsNotSupported => 0xA2,
+    };
+    buf.extend_from_slice(&[0xE0, 2, byte, 0]);
+}
+
 /// rumqttd refuses client ids containing `+ $ # /`; MQTT allows them. Escape them (and `%`)
 /// reversibly so the router still sees one distinct name per client id.
 pub fn router_client_id(clientid: &str) -> String {
@@ -140,6 +180,17 @@ mod tests {
                 assert!(codec.read(&mut buf, 1024).is_err(), "{first:#x}");
             }
         }
+    }
+
+    #[test]
+    fn v5_disconnects_carry_their_reason_code() {
+        let mut b = BytesMut::new();
+        disconnect_v5(rumqttd::protocol::DisconnectReasonCode::ReceiveMaximumExceeded, &mut b);
+        assert_eq!(&b[..], &[0xE0, 2, 0x93, 0]);
+        let back = V5.read_mut(&mut b, 16).unwrap();
+        assert!(
+            matches!(back, Packet::Disconnect(d, _) if d.reason_code == rumqttd::protocol::DisconnectReasonCode::ReceiveMaximumExceeded)
+        );
     }
 
     #[test]

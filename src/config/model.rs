@@ -306,6 +306,36 @@ pub struct BrokerConf {
     /// `persist.storage_priority = low`: database threads yield the CPU to MQTT traffic.
     pub storage_low_priority: bool,
     pub max_packet_size: usize,
+    pub mqtt: MqttLimits,
+}
+
+/// What the broker allows each client (announced to MQTT 5 clients in CONNACK).
+#[derive(Debug, Clone, Copy)]
+pub struct MqttLimits {
+    /// QoS 1/2 publishes a client may have unacknowledged towards the broker (Receive Maximum).
+    pub max_inflight: u16,
+    /// Longest keepalive a v5 client is granted (Server Keep Alive when it asks for more).
+    pub max_keepalive: u16,
+    /// Topic aliases a v5 client may set (Topic Alias Maximum).
+    pub max_topic_alias: u16,
+    /// Topic and filter length in bytes, and levels.
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+    /// Subscriptions per client (0: no limit).
+    pub max_subscriptions: usize,
+}
+
+impl Default for MqttLimits {
+    fn default() -> Self {
+        MqttLimits {
+            max_inflight: 1024,
+            max_keepalive: 60,
+            max_topic_alias: 128,
+            max_topic_length: 4096,
+            max_topic_levels: 128,
+            max_subscriptions: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +378,12 @@ const BROKER_KEYS: &[&str] = &[
     "persist.write_timeout",
     "persist.storage_priority",
     "mqtt.max_packet_size",
+    "mqtt.max_inflight",
+    "mqtt.max_keepalive",
+    "mqtt.max_topic_alias",
+    "mqtt.max_topic_length",
+    "mqtt.max_topic_levels",
+    "mqtt.max_subscriptions",
 ];
 
 /// Command-line overrides, applied on top of files and environment.
@@ -462,6 +498,15 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
     let queue_capacity = num("persist.queue_capacity", 100_000, u32::MAX as u64).max(1) as usize;
     let batch_size = num("persist.batch_size", 1000, 65_535).max(1) as usize;
     let max_packet_size = num("mqtt.max_packet_size", 1 << 20, 268_435_455) as usize;
+    let d = MqttLimits::default();
+    let mqtt = MqttLimits {
+        max_inflight: num("mqtt.max_inflight", d.max_inflight.into(), 65_535).max(1) as u16,
+        max_keepalive: num("mqtt.max_keepalive", d.max_keepalive.into(), 65_535).max(1) as u16,
+        max_topic_alias: num("mqtt.max_topic_alias", d.max_topic_alias.into(), 65_535) as u16,
+        max_topic_length: num("mqtt.max_topic_length", d.max_topic_length as u64, 65_535).max(1) as usize,
+        max_topic_levels: num("mqtt.max_topic_levels", d.max_topic_levels as u64, 65_535).max(1) as usize,
+        max_subscriptions: num("mqtt.max_subscriptions", d.max_subscriptions as u64, u32::MAX as u64) as usize,
+    };
     let fetch_timeout = Duration::from_millis(num("persist.fetch_timeout", 5000, 600_000));
     let batch_linger = Duration::from_micros(num("persist.batch_linger", 0, 1_000_000));
     let write_timeout = Duration::from_millis(num("persist.write_timeout", 10_000, 3_600_000).max(1));
@@ -530,6 +575,7 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
         write_timeout,
         storage_low_priority,
         max_packet_size,
+        mqtt,
     }
 }
 

@@ -74,7 +74,7 @@ pub fn bin() -> &'static str {
 pub fn write_etc(dir: &Path, db: &str, plugin_conf: &str, extra_broker: &str) -> PathBuf {
     let etc = dir.join("etc");
     std::fs::create_dir_all(etc.join("plugins")).unwrap();
-    let main = format!("node.name = test@127.0.0.1\nlistener.tcp.external = 127.0.0.1:0\nplugins.load = {db}\ndata.dir = {}\nlog.level = info\n{extra_broker}\n", dir.join("data").display());
+    let main = format!("node.name = test@127.0.0.1\nlistener.tcp.external = 127.0.0.1:0\nplugins.load = {db}\ndata.dir = {}\nlog.level = {}\n{extra_broker}\n", dir.join("data").display(), std::env::var("MQTT_PERSIST_TEST_LOG").unwrap_or("info".into()));
     std::fs::write(etc.join("mqtt-persist.conf"), main).unwrap();
     std::fs::write(etc.join("plugins").join(format!("emqx_backend_{db}.conf")), plugin_conf).unwrap();
     etc
