@@ -309,15 +309,21 @@ async fn on_redis_a_fetch_loads_only_what_it_delivers() {
         1,
         "capped/#",
         "on_message_fetch",
-        " \"offline_opts\": {\"max_returned_count\": 10},",
+        " \"offline_opts\": {\"max_returned_count\": 10, \"clean_start\": \"fetch\"},",
     ));
-    conf.push_str(&rule("session.subscribed", 2, "all/#", "on_message_fetch", ""));
+    conf.push_str(&rule(
+        "session.subscribed",
+        2,
+        "all/#",
+        "on_message_fetch",
+        " \"offline_opts\": {\"clean_start\": \"fetch\"},",
+    ));
     conf.push_str(&rule(
         "session.subscribed",
         4,
         "recent/#",
         "on_message_fetch",
-        " \"offline_opts\": {\"max_returned_count\": 5, \"time_range\": \"4s\"},",
+        " \"offline_opts\": {\"max_returned_count\": 5, \"time_range\": \"4s\", \"clean_start\": \"fetch\"},",
     ));
     conf.push_str(&rule("session.subscribed", 3, "ret/#", "on_retain_lookup", ""));
     conf.push_str(&rule("message.publish", 1, "#", "on_message_publish", ""));

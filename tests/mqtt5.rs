@@ -457,3 +457,149 @@ async fn stored_messages_respect_the_receive_maximum() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_keeps_a_clients_own_messages_from_it() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/nl", unique("p"));
+    let (mut me, _) = V5::connected(b.addr, &unique("me"), Hello::default()).await;
+    me.subscribe_with(vec![filter(&topic, true, false, RetainForwardRule::OnEverySubscribe)], None)
+        .await;
+    let (mut other, _) = V5::connected(b.addr, &unique("other"), Hello::default()).await;
+    other.subscribe(&topic, QoS::AtLeastOnce).await;
+    me.publish(&topic, QoS::AtLeastOnce, false, b"mine", None).await;
+    let got = other.publish_in().await;
+    assert_eq!(&got.payload[..], b"mine", "other subscribers get it");
+    other.puback(got.pkid).await;
+    other.publish(&topic, QoS::AtLeastOnce, false, b"theirs", None).await;
+    let got = me.publish_in().await;
+    assert_eq!(&got.payload[..], b"theirs", "its own message never came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_as_published_keeps_the_retain_flag_of_live_messages() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/rap", unique("p"));
+    let (mut rap, _) = V5::connected(b.addr, &unique("rap"), Hello::default()).await;
+    rap.subscribe_with(vec![filter(&topic, false, true, RetainForwardRule::Never)], None)
+        .await;
+    let (mut plain, _) = V5::connected(b.addr, &unique("plain"), Hello::default()).await;
+    plain
+        .subscribe_with(vec![filter(&topic, false, false, RetainForwardRule::Never)], None)
+        .await;
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, true, b"kept", None).await;
+    assert!(rap.publish_in().await.retain, "retain as published");
+    assert!(!plain.publish_in().await.retain, "a live message goes with retain 0 by default");
+    p.publish(&topic, QoS::AtLeastOnce, true, b"", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_handling_decides_when_stored_retained_messages_come() {
+    let (_kit, b) = broker().await;
+    let base = unique("rh");
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    for t in ["a", "b"] {
+        p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, true, t.as_bytes(), None).await;
+    }
+    let all = format!("{base}/+");
+    let marker = format!("{base}/marker");
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    // Until the marker arrives, what comes is what the subscription brought.
+    async fn retained_until_marker(c: &mut V5, p: &mut V5, marker: &str) -> usize {
+        p.publish(marker, QoS::AtMostOnce, false, b"m", None).await;
+        let mut n = 0;
+        loop {
+            let got = c.publish_in().await;
+            if &got.topic[..] == marker.as_bytes() {
+                return n;
+            }
+            assert!(got.retain, "{got:?}");
+            n += 1;
+            if got.qos != QoS::AtMostOnce {
+                c.puback(got.pkid).await;
+            }
+        }
+    }
+    for (rule, first, again) in [
+        (RetainForwardRule::OnEverySubscribe, 2, 2),
+        (RetainForwardRule::OnNewSubscribe, 2, 0),
+        (RetainForwardRule::Never, 0, 0),
+    ] {
+        let f = filter(&all, false, false, rule.clone());
+        c.subscribe_with(vec![f.clone()], None).await;
+        assert_eq!(
+            retained_until_marker(&mut c, &mut p, &marker).await,
+            first,
+            "{:?}, new",
+            f.retain_forward_rule
+        );
+        c.subscribe_with(vec![f], None).await;
+        assert_eq!(retained_until_marker(&mut c, &mut p, &marker).await, again, "{rule:?}, again");
+        c.send(Packet::Unsubscribe(rumqttc::v5::mqttbytes::v5::Unsubscribe::new(&all, None)))
+            .await;
+        assert!(matches!(c.recv().await, Packet::UnsubAck(_)));
+    }
+    for t in ["a", "b"] {
+        p.publish(&format!("{base}/{t}"), QoS::AtLeastOnce, true, b"", None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_subscriptions_with_identifiers_get_one_copy_with_every_identifier() {
+    let (_kit, b) = broker().await;
+    let base = unique("sid");
+    let topic = format!("{base}/x");
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    let id = |n| {
+        Some(SubscribeProperties {
+            id: Some(n),
+            user_properties: vec![],
+        })
+    };
+    c.subscribe_with(vec![Filter::new(&topic, QoS::AtLeastOnce)], id(2)).await;
+    c.subscribe_with(vec![Filter::new(format!("{base}/#"), QoS::AtLeastOnce)], id(3))
+        .await;
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"one", None).await;
+    let got = c.publish_in().await;
+    assert_eq!(
+        got.properties.as_ref().map(|p| p.subscription_identifiers.clone()),
+        Some(vec![2, 3])
+    );
+    c.puback(got.pkid).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"two", None).await;
+    let next = c.publish_in().await;
+    assert_eq!(&next.payload[..], b"two", "the second copy of `one` was not sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_filters_are_refused_per_filter_and_dollar_filters_are_granted() {
+    let (_kit, b) = broker().await;
+    let good = format!("{}/ok", unique("p"));
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    let ack = c
+        .subscribe_with(
+            vec![
+                Filter::new("a/#/b", QoS::AtLeastOnce),
+                Filter::new(&good, QoS::AtLeastOnce),
+                Filter::new("$SYS/#", QoS::AtMostOnce),
+                Filter::new("$share/g/x", QoS::AtLeastOnce),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        ack.return_codes,
+        vec![
+            SubscribeReasonCode::TopicFilterInvalid,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+            SubscribeReasonCode::SharedSubscriptionsNotSupported,
+        ]
+    );
+    // Still connected, and the good filter works.
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&good, QoS::AtLeastOnce, false, b"x", None).await;
+    assert_eq!(&c.publish_in().await.payload[..], b"x");
+}

@@ -83,6 +83,10 @@ pub enum WriteOp {
         clientid: Arc<str>,
         filter: Arc<str>,
     },
+    /// Every read pointer of the client: its session ended (clean start, expiry).
+    DeletePointers {
+        clientid: Arc<str>,
+    },
     /// Queue model: the first ack by anyone deletes the message.
     DeleteMessage {
         msgid: u64,
@@ -125,7 +129,8 @@ impl WriteOp {
             WriteOp::ClientConnected { clientid, .. }
             | WriteOp::ClientDisconnected { clientid, .. }
             | WriteOp::AdvancePointer { clientid, .. }
-            | WriteOp::DeletePointer { clientid, .. } => text(0, clientid),
+            | WriteOp::DeletePointer { clientid, .. }
+            | WriteOp::DeletePointers { clientid } => text(0, clientid),
             WriteOp::Custom(_) => text(0, client),
             WriteOp::StoreMessage { msg, .. } => id(msg.msgid),
             WriteOp::DeleteMessage { msgid, .. } => id(*msgid),
@@ -732,6 +737,7 @@ mod paging_tests {
                 max_returned_count: max,
                 time_range,
                 first_subscribe_time_range: false,
+                clean_start_fetch: false,
             },
             now: 10_000,
         }

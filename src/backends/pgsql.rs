@@ -432,6 +432,10 @@ impl PgBackend {
                 )
                 .await?;
             }
+            WriteOp::DeletePointers { clientid } => {
+                self.exec(c, "DELETE FROM mqtt_acked WHERE clientid = $1", &[T::TEXT], &[&&**clientid])
+                    .await?;
+            }
             WriteOp::DeleteMessage { msgid, .. } => {
                 self.exec(c, "DELETE FROM mqtt_msg WHERE msgid = $1", &[T::INT8], &[&(*msgid as i64)])
                     .await?;

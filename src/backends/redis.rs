@@ -67,6 +67,11 @@ const DEL_IF_ID_LUA: &str = r"
 if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
 
+/// The set of a client's pointer filters (`mqtt:acked:<clientid>:<filter>` keys).
+fn pointer_index(clientid: &str) -> String {
+    format!("mqtt:acked_index:{clientid}")
+}
+
 fn pad(id: u64) -> String {
     format!("{id:020}")
 }
@@ -469,7 +474,10 @@ impl RedisBackend {
             }
             WriteOp::DeletePointer { clientid, filter } => {
                 p.cmd("DEL").arg(format!("mqtt:acked:{clientid}:{filter}")).ignore();
+                p.cmd("SREM").arg(pointer_index(clientid)).arg(&**filter).ignore();
             }
+            // Expanded by `write` into one DEL per pointer of the client's index.
+            WriteOp::DeletePointers { .. } => {}
             WriteOp::DeleteMessage { msgid, topic } => {
                 p.cmd("DEL").arg(format!("mqtt:msg:{msgid}")).ignore();
                 p.cmd("ZREM").arg(format!("mqtt:msg:{topic}")).arg(pad(*msgid)).ignore();
@@ -795,14 +803,16 @@ impl Source for RedisBackend {
 
     fn create_pointer<'a>(&'a self, clientid: &'a str, filter: &'a str, msgid: u64) -> BoxFuture<'a, BResult<()>> {
         Box::pin(async move {
-            let _: Value = self
-                .run(
-                    redis::cmd("SET")
-                        .arg(format!("mqtt:acked:{clientid}:{filter}"))
-                        .arg(pad(msgid))
-                        .arg("NX"),
-                )
-                .await?;
+            // The client's index of pointers lets a session end delete them all without a
+            // keyspace scan (`DeletePointers`).
+            let mut p = redis::pipe();
+            p.cmd("SET")
+                .arg(format!("mqtt:acked:{clientid}:{filter}"))
+                .arg(pad(msgid))
+                .arg("NX")
+                .ignore();
+            p.cmd("SADD").arg(pointer_index(clientid)).arg(filter).ignore();
+            let _: Value = self.run_pipe(&p).await?;
             Ok(())
         })
     }
@@ -909,6 +919,14 @@ impl Backend for RedisBackend {
             // "pipeline" element: per-client order holds either way). Redis runs every command
             // of a pipeline whatever the others answer, so each reply is read on its own: a
             // refused command fails only its op (logged, counted), and nothing runs twice.
+            // The pointers of clients whose session ended, read first (a pipeline cannot).
+            let mut ended: Vec<(usize, Vec<String>)> = Vec::new();
+            for (k, op) in ops.iter().enumerate() {
+                if let WriteOp::DeletePointers { clientid } = op {
+                    let filters: Vec<String> = self.run(redis::cmd("SMEMBERS").arg(pointer_index(clientid))).await?;
+                    ended.push((k, filters));
+                }
+            }
             let mut p = redis::pipe();
             // The ops each range of commands belongs to: (end of the range, first op, last op).
             let mut owners: Vec<(usize, usize, usize)> = Vec::new();
@@ -924,6 +942,15 @@ impl Backend for RedisBackend {
                             .map_or(ops.len(), |k| i + k);
                         store_run(&mut p, &ops[i..j]);
                         j
+                    }
+                    WriteOp::DeletePointers { clientid } => {
+                        for (_, filters) in ended.iter().filter(|(k, _)| *k == i) {
+                            for f in filters {
+                                p.cmd("DEL").arg(format!("mqtt:acked:{clientid}:{f}")).ignore();
+                            }
+                        }
+                        p.cmd("DEL").arg(pointer_index(clientid)).ignore();
+                        i + 1
                     }
                     op => {
                         Self::add_op(&mut p, op);

@@ -185,6 +185,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
             tx.prepare_cached("DELETE FROM mqtt_acked WHERE clientid = ?1 AND topic = ?2")?
                 .execute(params![&**clientid, &**filter])?;
         }
+        WriteOp::DeletePointers { clientid } => {
+            tx.prepare_cached("DELETE FROM mqtt_acked WHERE clientid = ?1")?
+                .execute(params![&**clientid])?;
+        }
         WriteOp::DeleteMessage { msgid, .. } => {
             tx.prepare_cached("DELETE FROM mqtt_msg WHERE msgid = ?1")?
                 .execute(params![*msgid as i64])?;

@@ -7,7 +7,7 @@
 //! client before its subscription's live traffic, with packet ids outside the router's 1..=100.
 
 use super::engine::Engine;
-use super::flow::{AliasError, Aliased, Deferred, InAliases, Inbound, Outbound};
+use super::flow::{AliasError, Aliased, Deferred, InAliases, Inbound, Outbound, SubOpts};
 use super::wire::{self, Codec};
 use crate::hooks::Dispatcher;
 use crate::model::Control;
@@ -30,7 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-/// User property carrying `msgid:qos:timestamp:sender` from publisher to subscriber links.
+/// User property carrying `msgid:timestamp:flags:sender` from publisher to subscriber links
+/// (flags: the published QoS × 2 + retain).
 const META_KEY: &str = "mqtt-persist-meta";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Router packet ids are 1..=100; ours for injected messages start above.
@@ -63,10 +64,13 @@ struct Meta {
     msgid: u64,
     sender: Arc<str>,
     timestamp: i64,
+    /// As published (the router forwards at the subscription's QoS and clears retain).
+    retain: bool,
 }
 
 fn encode_meta(m: &Message) -> (String, String) {
-    (META_KEY.to_string(), format!("{}:{}:{}", m.msgid, m.timestamp, m.sender))
+    let flags = m.qos * 2 + u8::from(m.retain);
+    (META_KEY.to_string(), format!("{}:{}:{}:{}", m.msgid, m.timestamp, flags, m.sender))
 }
 
 /// Removes every user property named like the broker's carrier. Applied to each PUBLISH and
@@ -93,12 +97,14 @@ fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
     if props.as_ref().is_some_and(|p| *p == PublishProperties::default()) {
         *props = None;
     }
-    let mut it = v.splitn(3, ':');
+    let mut it = v.splitn(4, ':');
     let msgid = it.next()?.parse().ok()?;
     let timestamp = it.next()?.parse().ok()?;
+    let flags: u8 = it.next()?.parse().ok()?;
     Some(Meta {
         msgid,
         timestamp,
+        retain: flags & 1 == 1,
         sender: it.next().unwrap_or("").into(),
     })
 }
@@ -162,6 +168,9 @@ struct Feed {
 /// A SUBSCRIBE sent to the router, in order; the router answers each with one SUBACK.
 struct PendingSub {
     lookups: Option<Feed>,
+    /// Codes the layer decided itself (refused filters, `$` filters the router cannot take),
+    /// by position in the client's SUBSCRIBE: spliced into the router's SUBACK.
+    local: Vec<(usize, SubscribeReasonCode)>,
 }
 
 struct Session {
@@ -206,6 +215,12 @@ struct Session {
     swallow_pubrel: HashSet<u16>,
     in_aliases: InAliases,
     inbound: Inbound,
+    /// Subscriptions with options that need per-message work (No Local, Retain As Published,
+    /// an identifier), counted in `Engine::option_subs` while this connection lives.
+    opts: HashMap<Arc<str>, SubOpts>,
+    /// Msgids delivered once, while overlapping subscriptions with identifiers make the router
+    /// send a copy per subscription (one copy goes out, with every identifier).
+    delivered_ids: HashSet<u64>,
     reason: &'static str,
     closing: bool,
 }
@@ -349,6 +364,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     };
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let (conn_id, connected_at) = engine.register(&clientid, now_ms(), ctl_tx);
+    if clean || expiry == 0 {
+        // No session to continue: the read pointers of an earlier one go too, before any
+        // subscription of this connection reads them.
+        if let Some(done) = engine.dispatcher().discard_pointers(&shared_id) {
+            engine.pointer_delete_queued(&shared_id, &Arc::from(""), done);
+        }
+    }
     let client = Arc::new(Client {
         clientid: clientid.as_str().into(),
         username: login.map(|l| Arc::from(l.username.as_str())).filter(|u: &Arc<str>| !u.is_empty()),
@@ -357,10 +379,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         proto_ver: level,
         keepalive: keep_alive,
         clean_start: clean,
+        persistent: expiry > 0,
         connected_at,
     });
+    let mut opts = HashMap::new();
     let subs = if clean {
         engine.sessions.lock().remove(&clientid);
+        engine.session_opts.lock().remove(&clientid);
         HashMap::new()
     } else if session_present {
         engine
@@ -368,6 +393,10 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
             .lock()
             .get(&clientid)
             .map(|s| s.iter().map(|(f, q)| (Arc::from(f.as_str()), *q)).collect())
+            .inspect(|_: &HashMap<Arc<str>, u8>| {
+                opts = engine.session_opts.lock().get(&clientid).cloned().unwrap_or_default();
+                engine.option_subs.fetch_add(opts.len(), std::sync::atomic::Ordering::Relaxed);
+            })
             .unwrap_or_default()
     } else {
         HashMap::new()
@@ -411,6 +440,8 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         swallow_pubrel: HashSet::new(),
         in_aliases: InAliases::new(limits.max_topic_alias),
         inbound: Inbound::default(),
+        opts,
+        delivered_ids: HashSet::new(),
         reason: "normal",
         closing: false,
     };
@@ -773,7 +804,8 @@ impl Session {
         // A plain QoS 0 message that no rule writes and nothing reads the msgid of costs no
         // msgid, no allocation and no dispatch.
         let has_rules = self.d.writes_publish(qos, publish.retain);
-        let meta = if qos > 0 { self.meta } else { self.meta_qos0 };
+        let meta =
+            (if qos > 0 { self.meta } else { self.meta_qos0 }) || self.engine.option_subs.load(std::sync::atomic::Ordering::Relaxed) > 0;
         if has_rules || meta {
             let msg = Arc::new(Message {
                 msgid: self.engine.msgids.next(),
@@ -933,17 +965,59 @@ impl Session {
         });
     }
 
-    fn subscribe(&mut self, sub: Subscribe, props: Option<rumqttd::protocol::SubscribeProperties>) {
+    fn subscribe(&mut self, mut sub: Subscribe, props: Option<rumqttd::protocol::SubscribeProperties>) {
+        let v5 = self.codec.is_v5();
+        let limits = self.engine.conf.mqtt;
+        let id = props.as_ref().and_then(|p| p.id).filter(|_| v5);
         let mut new = Vec::new();
-        for f in &sub.filters {
+        let mut local = Vec::new();
+        let mut routed = Vec::with_capacity(sub.filters.len());
+        for (i, f) in std::mem::take(&mut sub.filters).into_iter().enumerate() {
+            let path = f.path.as_str();
+            let refused = if !crate::topic::valid_filter(path)
+                || path.len() > limits.max_topic_length
+                || path.split('/').count() > limits.max_topic_levels
+            {
+                Some(SubscribeReasonCode::TopicFilterInvalid)
+            } else if path.starts_with("$share/") {
+                Some(SubscribeReasonCode::SharedSubscriptionsNotSupported)
+            } else if limits.max_subscriptions > 0 && !self.subs.contains_key(path) && self.subs.len() >= limits.max_subscriptions {
+                Some(SubscribeReasonCode::QuotaExceeded)
+            } else {
+                None
+            };
+            if let Some(code) = refused {
+                local.push((i, if v5 { code } else { SubscribeReasonCode::Failure }));
+                continue;
+            }
             let q = f.qos as u8;
-            let is_new = self.subs.insert(f.path.as_str().into(), q).is_none();
-            new.push((Arc::<str>::from(f.path.as_str()), q, is_new));
+            let filter: Arc<str> = path.into();
+            let is_new = self.subs.insert(filter.clone(), q).is_none();
+            // Retain Handling: 0 = on every subscribe, 1 = only a new one, 2 = never.
+            let retained = match f.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => is_new,
+                RetainForwardRule::Never => false,
+            };
+            let o = SubOpts {
+                nolocal: f.nolocal && v5,
+                retain_as_published: f.preserve_retain && v5,
+                id,
+            };
+            self.set_opts(&filter, o);
+            new.push((filter, q, is_new, retained));
+            if path.starts_with('$') {
+                // The router disconnects on `$` filters (other than shared ones); nothing it
+                // routes could match them anyway (MQTT-4.7.2-1): granted here, not routed.
+                local.push((i, SubscribeReasonCode::Success(f.qos)));
+            } else {
+                routed.push(f);
+            }
         }
         self.sync_session();
         // The hook's writes are queued now, before anything this client sends next (an
         // UNSUBSCRIBE in the same read must not overtake them); only the reads run apart.
-        for (filter, qos, _) in &new {
+        for (filter, qos, _, _) in &new {
             self.d.fire(&Event::Subscribed {
                 client: self.client.clone(),
                 filter: filter.clone(),
@@ -955,20 +1029,21 @@ impl Session {
             let client = self.client.clone();
             let (running, done) = watch::channel(());
             self.lookups_running.retain(|(_, r)| r.has_changed().is_ok());
-            self.lookups_running.extend(new.iter().map(|(f, _, _)| (f.clone(), done.clone())));
+            self.lookups_running
+                .extend(new.iter().map(|(f, _, _, _)| (f.clone(), done.clone())));
             // An unsubscribe of the same filter whose pointer delete is still queued (this
             // connection's, or a taken-over one's) must land before the fetch reads the pointer.
             let pending: Vec<_> = new
                 .iter()
-                .map(|(f, _, _)| self.engine.pointer_deletes_of(&self.client.clientid, f))
+                .map(|(f, _, _, _)| self.engine.pointer_deletes_of(&self.client.clientid, f))
                 .collect();
             let (want, mut asked) = mpsc::channel(1);
             let (page_tx, pages) = mpsc::channel(1);
             tokio::spawn(async move {
                 // Opening creates the pointers: done before an unsubscribe may delete them.
                 let mut opened = Vec::new();
-                for ((filter, qos, is_new), pending) in new.into_iter().zip(pending) {
-                    opened.push((qos, d.subscribed_after(&client, &filter, qos, is_new, pending).await));
+                for ((filter, qos, is_new, retained), pending) in new.into_iter().zip(pending) {
+                    opened.push((qos, d.subscribed_after(&client, &filter, qos, is_new, retained, pending).await));
                 }
                 drop(running);
                 let mut opened = opened.into_iter();
@@ -988,8 +1063,47 @@ impl Session {
             });
             Feed { want, pages, asked: false }
         });
-        self.pending_subs.push_back(PendingSub { lookups });
+        if routed.is_empty() {
+            // Nothing for the router: the SUBACK is the layer's alone.
+            if sub.pkid != 0 {
+                let codes = local.into_iter().map(|(_, c)| c).collect();
+                self.write_suback(sub.pkid, codes);
+            }
+            // No stored reads either: refused filters have none, and `$` topics are not fetched
+            // for `$` filters (dropping the feed ends its task).
+            drop(lookups);
+            return;
+        }
+        sub.filters = routed;
+        self.pending_subs.push_back(PendingSub { lookups, local });
         self.to_router.push(Packet::Subscribe(sub, props));
+    }
+
+    /// Records the options of a subscription (replacing earlier ones of the same filter).
+    fn set_opts(&mut self, filter: &Arc<str>, o: SubOpts) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let plain = o == SubOpts::default();
+        let had = if plain {
+            self.opts.remove(filter).is_some()
+        } else {
+            self.opts.insert(filter.clone(), o).is_some()
+        };
+        match (had, plain) {
+            (false, false) => {
+                self.engine.option_subs.fetch_add(1, Relaxed);
+            }
+            (true, true) => {
+                self.engine.option_subs.fetch_sub(1, Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// The SUBACK for a SUBSCRIBE whose filters were all decided by the layer.
+    fn write_suback(&mut self, pkid: u16, codes: Vec<SubscribeReasonCode>) {
+        let v5 = self.codec.is_v5();
+        let return_codes = codes.into_iter().map(|c| if v5 { c } else { v4_code(c) }).collect();
+        self.write(Packet::SubAck(rumqttd::protocol::SubAck { pkid, return_codes }, None));
     }
 
     async fn unsubscribe(&mut self, unsub: Unsubscribe) {
@@ -1001,6 +1115,7 @@ impl Session {
                 let _ = done.changed().await;
             }
             let existed = self.subs.remove(f.as_str()).is_some();
+            self.set_opts(&Arc::from(f.as_str()), SubOpts::default());
             reasons.push(if existed {
                 UnsubAckReason::Success
             } else {
@@ -1048,6 +1163,12 @@ impl Session {
         if self.expiry > 0 {
             let subs = self.subs.iter().map(|(f, q)| (f.to_string(), *q)).collect();
             self.engine.sessions.lock().insert(self.client.clientid.to_string(), subs);
+            let mut opts = self.engine.session_opts.lock();
+            if self.opts.is_empty() {
+                opts.remove(&*self.client.clientid);
+            } else {
+                opts.insert(self.client.clientid.to_string(), self.opts.clone());
+            }
         }
     }
 
@@ -1059,18 +1180,17 @@ impl Session {
             }
             Notification::DeviceAck(ack) => match Packet::from(ack) {
                 Packet::SubAck(suback, p) => {
-                    let pending = self.pending_subs.pop_front();
+                    let mut pending = self.pending_subs.pop_front();
                     if suback.pkid != 0 {
                         let mut suback = suback;
+                        // The layer's own codes go back where their filters were.
+                        for (i, c) in pending.as_mut().map(|p| std::mem::take(&mut p.local)).unwrap_or_default() {
+                            let i = i.min(suback.return_codes.len());
+                            suback.return_codes.insert(i, c);
+                        }
                         // The router grants what was asked; a v4 client needs the plain codes.
-                        for c in suback.return_codes.iter_mut() {
-                            if let SubscribeReasonCode::Success(q) = c {
-                                *c = match *q as u8 {
-                                    0 => SubscribeReasonCode::QoS0,
-                                    1 => SubscribeReasonCode::QoS1,
-                                    _ => SubscribeReasonCode::QoS2,
-                                };
-                            }
+                        if !self.codec.is_v5() {
+                            suback.return_codes = suback.return_codes.into_iter().map(v4_code).collect();
                         }
                         self.write(Packet::SubAck(suback, p.filter(|_| self.codec.is_v5())));
                     }
@@ -1143,7 +1263,8 @@ impl Session {
     fn forward(&mut self, mut f: Forward) {
         // Always taken off, even when this connection's rules do not read it (a publisher on
         // another rule generation may have added it).
-        let meta = take_meta(&mut f.properties).filter(|_| self.meta);
+        let meta = take_meta(&mut f.properties).filter(|_| self.meta || !self.opts.is_empty());
+        let skip = !self.opts.is_empty() && meta.as_ref().is_some_and(|m| self.apply_options(m, &mut f));
         if !self.codec.is_v5() {
             f.properties = None;
         }
@@ -1155,7 +1276,14 @@ impl Session {
         let duplicate = meta.as_ref().is_some_and(|m| self.recent_injected.contains(&m.msgid));
         let topic = f.publish.topic.clone();
         let payload = f.publish.payload.clone();
-        let (qos, pkid, sent) = if duplicate {
+        let (qos, pkid, sent) = if skip {
+            // Not for this client after all (No Local, or a copy already delivered).
+            let start = self.wbuf.len();
+            self.write(Packet::Publish(f.publish.clone(), None));
+            let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+            self.wbuf.truncate(start);
+            (qos, pkid, Some(Sent::TooLarge))
+        } else if duplicate {
             // Only its QoS and packet id are wanted.
             let start = self.wbuf.len();
             self.write(Packet::Publish(f.publish.clone(), None));
@@ -1213,6 +1341,49 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// MQTT 5 subscription options on a forward: sets the subscription identifiers of every
+    /// matching subscription and the retain flag as published where asked; true when the
+    /// client is not to get it (No Local on every matching subscription, or the copy of a
+    /// message already delivered through another subscription).
+    fn apply_options(&mut self, m: &Meta, f: &mut Forward) -> bool {
+        let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
+            return false;
+        };
+        let mut matching = 0;
+        let mut all_nolocal = true;
+        let mut rap = false;
+        let mut ids = Vec::new();
+        for filter in self.subs.keys().filter(|s| crate::topic::matches(topic, s)) {
+            matching += 1;
+            let o = self.opts.get(filter).copied().unwrap_or_default();
+            all_nolocal &= o.nolocal;
+            rap |= o.retain_as_published;
+            ids.extend(o.id);
+        }
+        if matching == 0 {
+            return false;
+        }
+        if all_nolocal && *m.sender == *self.client.clientid {
+            return true;
+        }
+        if !ids.is_empty() && matching > 1 {
+            if self.delivered_ids.len() > 100_000 {
+                self.delivered_ids.clear();
+            }
+            if !self.delivered_ids.insert(m.msgid) {
+                return true;
+            }
+        }
+        if !ids.is_empty() {
+            ids.sort_unstable();
+            f.properties.get_or_insert_with(Default::default).subscription_identifiers = ids;
+        }
+        if rap && m.retain {
+            f.publish.retain = true;
+        }
+        false
     }
 
     /// Writes a publish to the client, or holds it back while the client's Receive Maximum is
@@ -1417,6 +1588,9 @@ impl Session {
     /// delay, while the session lasts): the caller waits for it.
     async fn close(&mut self, link_open: bool) -> Option<Will> {
         self.queue_stores().await;
+        self.engine
+            .option_subs
+            .fetch_sub(self.opts.len(), std::sync::atomic::Ordering::Relaxed);
         let mut delayed = None;
         if let Some((will, props)) = self.will.take() {
             // Taken over by a connection that continues the session: the client is back.
@@ -1486,6 +1660,9 @@ async fn departure(
     }
     tokio::time::sleep(Duration::from_secs(u64::from(expiry - waited))).await;
     if engine.still_departed(&client.clientid, conn_id, true) {
+        if let Some(done) = d.discard_pointers(&client.clientid) {
+            engine.pointer_delete_queued(&client.clientid, &Arc::from(""), done);
+        }
         let router_id = wire::router_client_id(&client.clientid);
         let cid = client.clientid.clone();
         let eng = engine.clone();
@@ -1531,6 +1708,19 @@ async fn publish_will(
             p.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
         }
         engine.internal_publish(publish, p);
+    }
+}
+
+/// A SUBACK code as MQTT 3.1.1 writes it: the granted QoS, or 0x80.
+fn v4_code(c: SubscribeReasonCode) -> SubscribeReasonCode {
+    match c {
+        SubscribeReasonCode::Success(q) => match q as u8 {
+            0 => SubscribeReasonCode::QoS0,
+            1 => SubscribeReasonCode::QoS1,
+            _ => SubscribeReasonCode::QoS2,
+        },
+        c @ (SubscribeReasonCode::QoS0 | SubscribeReasonCode::QoS1 | SubscribeReasonCode::QoS2) => c,
+        _ => SubscribeReasonCode::Failure,
     }
 }
 

@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -28,6 +28,8 @@ pub struct Engine {
     pub metrics: Arc<Registry>,
     /// Subscriptions of persistent sessions, while the router keeps the session.
     pub sessions: Mutex<HashMap<String, HashMap<String, u8>>>,
+    /// The MQTT 5 options of those subscriptions, where they have any.
+    pub session_opts: Mutex<HashMap<String, HashMap<Arc<str>, super::flow::SubOpts>>>,
     clients: Mutex<HashMap<String, Live>>,
     next_conn: AtomicU64,
     internal: Mutex<Option<LinkTx>>,
@@ -47,6 +49,10 @@ pub struct Engine {
     /// A new connection taking over a client id says whether it continues the session (the
     /// old connection then publishes no will).
     takeovers: Mutex<HashMap<Arc<str>, bool>>,
+    /// Live subscriptions with MQTT 5 options applied at delivery (No Local, Retain As
+    /// Published, identifiers): while there are any, every publish carries its sender, QoS and
+    /// retain flag across the router.
+    pub option_subs: AtomicUsize,
     /// Client ids whose router session is being discarded; their next connection waits.
     discarding: Mutex<std::collections::HashSet<Arc<str>>>,
 }
@@ -99,6 +105,7 @@ impl Engine {
             conf,
             metrics,
             sessions: Mutex::new(HashMap::new()),
+            session_opts: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             internal: Mutex::new(None),
@@ -107,6 +114,7 @@ impl Engine {
             dead_letter,
             pointer_deletes: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashMap::new()),
+            option_subs: AtomicUsize::new(0),
             takeovers: Mutex::new(HashMap::new()),
             discarding: Mutex::new(Default::default()),
         });
@@ -210,6 +218,7 @@ impl Engine {
     pub fn discard_session(&self, clientid: &str, router_id: &str) {
         self.end_router_session(router_id);
         self.sessions.lock().remove(clientid);
+        self.session_opts.lock().remove(clientid);
         self.discarding.lock().remove(clientid);
     }
 
@@ -245,7 +254,8 @@ impl Engine {
         self.takeovers.lock().remove(clientid).unwrap_or(false)
     }
 
-    /// Remembers a queued pointer delete of `clientid`'s `filter` until it is done.
+    /// Remembers a queued pointer delete of `clientid`'s `filter` (every filter: `""`) until it
+    /// is done.
     pub fn pointer_delete_queued(&self, clientid: &Arc<str>, filter: &Arc<str>, done: PointerDelete) {
         let mut all = self.pointer_deletes.lock();
         all.retain(|_, v| {
@@ -262,7 +272,7 @@ impl Engine {
             .get(clientid)
             .map(|v| {
                 v.iter()
-                    .filter(|(f, d)| **f == *filter && d.has_changed().is_ok())
+                    .filter(|(f, d)| (**f == *filter || f.is_empty()) && d.has_changed().is_ok())
                     .map(|(_, d)| d.clone())
                     .collect()
             })

@@ -155,6 +155,14 @@ impl Inbound {
     }
 }
 
+/// MQTT 5 subscription options the layer applies at delivery (the router ignores them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubOpts {
+    pub nolocal: bool,
+    pub retain_as_published: bool,
+    pub id: Option<usize>,
+}
+
 /// Publishes held back by the client's Receive Maximum, in order.
 pub type Deferred<T> = VecDeque<T>;
 

@@ -223,6 +223,9 @@ pub struct OfflineOpts {
     pub time_range: Option<Duration>,
     /// Deliver `time_range` worth of messages on a first subscription instead of nothing.
     pub first_subscribe_time_range: bool,
+    /// `clean_start = "fetch"`: keep read pointers of clients that connect with clean start
+    /// (EMQX 4), instead of discarding them with the session (the default, `"discard"`).
+    pub clean_start_fetch: bool,
 }
 
 /// What a rule does.
@@ -905,10 +908,21 @@ fn parse_rule(db: Db, rest: &str, entry: &Entry, pools: &BTreeMap<String, PoolCo
                         }
                     }
                 }
+                "clean_start" => {
+                    offline.clean_start_fetch = match v.as_str() {
+                        Some("fetch") => true,
+                        Some("discard") => false,
+                        _ => {
+                            return Err(format!(
+                                "`clean_start` must be \"discard\" (the default: a clean session has no read pointers) or \"fetch\" (EMQX 4), found {v}"
+                            ))
+                        }
+                    }
+                }
                 other => {
                     return Err(format!(
                         "unknown field `{other}` in offline_opts{}",
-                        did_you_mean(other, ["max_returned_count", "time_range", "first_subscribe"])
+                        did_you_mean(other, ["max_returned_count", "time_range", "first_subscribe", "clean_start"])
                     ))
                 }
             }

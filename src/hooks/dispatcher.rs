@@ -119,6 +119,8 @@ pub struct Dispatcher {
     /// message costs the hooks nothing.
     writes_plain_qos0: bool,
     fetch_timeout: Duration,
+    /// Some fetch rule keeps pointers of session-less clients (`offline_opts.clean_start`).
+    clean_start_fetch: bool,
     pub pools: Vec<Arc<Pool>>,
 }
 
@@ -191,6 +193,9 @@ impl Dispatcher {
             r.iter()
                 .any(|b| b.rule.builtin().is_none_or(|f| publish_builtin_writes(f, 0, false, false)))
         });
+        let clean_start_fetch = hooks
+            .get(&Hook::SessionSubscribed)
+            .is_some_and(|r| r.iter().any(|b| b.rule.offline.clean_start_fetch));
         let mut seen = HashSet::new();
         let pools: Vec<Arc<Pool>> = pools
             .values()
@@ -206,6 +211,7 @@ impl Dispatcher {
             has_retain_lookup,
             writes_plain_qos0,
             fetch_timeout: conf.broker.fetch_timeout,
+            clean_start_fetch,
             pools,
         }
     }
@@ -359,7 +365,7 @@ impl Dispatcher {
                     Event::Acked {
                         client, msgid, filters, ..
                     },
-                ) if !filters.is_empty() => WriteOp::AdvancePointer {
+                ) if !filters.is_empty() && (client.persistent || self.clean_start_fetch) => WriteOp::AdvancePointer {
                     clientid: client.clientid.clone(),
                     filters: filters.clone(),
                     msgid: *msgid,
@@ -385,9 +391,36 @@ impl Dispatcher {
         }
     }
 
+    /// The client has no session (clean start, MQTT 5 session expiry 0) or its session expired:
+    /// its read pointers are session state and go with it (SPEC §3.1), on every pool a fetch
+    /// rule reads them from — unless the rule keeps EMQX 4's behaviour (`offline_opts.clean_start
+    /// = "fetch"`). The returned receiver closes once the deletes are done.
+    pub fn discard_pointers(&self, clientid: &Arc<str>) -> Option<tokio::sync::watch::Receiver<()>> {
+        let mut pools = HashSet::new();
+        let (ticket, done) = Ticket::watched();
+        for b in self.rules(Hook::SessionSubscribed) {
+            if b.rule.builtin() != Some(Builtin::MessageFetch) || b.rule.offline.clean_start_fetch {
+                continue;
+            }
+            if !pools.insert(b.pool.queue.label().to_string()) {
+                continue;
+            }
+            b.pool.queue.try_push(Job::new(
+                WriteOp::DeletePointers {
+                    clientid: clientid.clone(),
+                },
+                b.metrics.clone(),
+                Some(ticket.clone()),
+                clientid,
+            ));
+        }
+        (!pools.is_empty()).then_some(done)
+    }
+
     /// `session.subscribed`'s reads, opened: what must be delivered to this client before the
     /// subscription's live traffic (the hook's writes go through [`Dispatcher::fire`], in the
-    /// client's event order). `is_new`: new in this session.
+    /// client's event order). `is_new`: new in this session; `retained`: the retained
+    /// messages are wanted (MQTT 5 Retain Handling; 3.1.1 always).
     ///
     /// The reads open once the pointer writes in `pending` (this client's unsubscribes of the
     /// same filter, still queued) are done, so a fetch never reads a pointer that is about to be
@@ -398,6 +431,7 @@ impl Dispatcher {
         filter: &Arc<str>,
         qos: u8,
         is_new: bool,
+        retained: bool,
         pending: Vec<tokio::sync::watch::Receiver<()>>,
     ) -> StoredReads {
         if !pending.is_empty() {
@@ -411,7 +445,9 @@ impl Dispatcher {
             let Some(f) = b.rule.builtin().filter(|f| f.delivers_stored()) else {
                 continue;
             };
-            if !is_new || !b.matches(Some(filter)) {
+            // Fetches serve new subscriptions; retained lookups what Retain Handling asks for.
+            let wanted = if f == Builtin::RetainLookup { retained } else { is_new };
+            if !wanted || !b.matches(Some(filter)) {
                 continue;
             }
             let kind = match f {
@@ -421,6 +457,10 @@ impl Dispatcher {
                 _ => FetchKind::Pointer,
             };
             if f != Builtin::RetainLookup && qos == 0 {
+                continue;
+            }
+            // A session-less client has no read pointers: nothing to fetch, none to create.
+            if f == Builtin::MessageFetch && !client.persistent && !b.rule.offline.clean_start_fetch {
                 continue;
             }
             RuleMetrics::inc(&b.metrics.matched);

@@ -197,6 +197,9 @@ pub struct Client {
     pub proto_ver: u8,
     pub keepalive: u16,
     pub clean_start: bool,
+    /// The client's session outlives the connection (3.1.1 clean session 0, MQTT 5 session
+    /// expiry > 0): only such a session has read pointers (SPEC §3.1).
+    pub persistent: bool,
     pub connected_at: i64,
 }
 

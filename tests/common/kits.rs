@@ -59,7 +59,11 @@ pub trait Kit: Sized {
         s.push_str(&format!(
             "backend.{db}.hook.client.disconnected.1 = {{\"action\": {{\"function\": \"on_client_disconnected\"}}, \"pool\": \"pool1\"}}\n"
         ));
-        s.push_str(&r("session.subscribed", 1, "#", "on_message_fetch"));
+        // EMQX 4's fetch for clean sessions too: most scenarios test the fetch itself with
+        // clean clients; `clean_sessions_have_no_read_pointers` tests the default.
+        s.push_str(&format!(
+            "backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"pool\": \"pool1\", \"offline_opts\": {{\"clean_start\": \"fetch\"}}}}\n"
+        ));
         s.push_str(&r("session.subscribed", 2, "#", "on_retain_lookup"));
         s.push_str(&r("session.subscribed", 3, "queue/#", "on_message_fetch_for_queue"));
         s.push_str(&r("session.unsubscribed", 1, "#", "on_acked_delete"));

@@ -176,6 +176,45 @@ pub async fn offline_messages_reach_only_the_resubscribing_client<K: Kit>() {
     only_the_marker_arrives(&mut a, &p, &marker).await;
 }
 
+/// The default: read pointers are session state. A client id that connects with clean start
+/// loses the pointers of its earlier persistent session, fetches nothing and keeps no pointers
+/// of its own; a persistent session after it starts from its first subscription again.
+pub async fn clean_sessions_have_no_read_pointers<K: Kit>() {
+    let kit = K::new().await;
+    let conf = kit.plugin_conf().replace(r#", "offline_opts": {"clean_start": "fetch"}"#, "");
+    assert!(!conf.contains("clean_start"), "the default conf");
+    let broker = BrokerProc::start(K::DB, &conf);
+    let base = unique("cs");
+    let filter = format!("{base}/#");
+    let id = unique("dev");
+    first_subscription(&kit, broker.addr, &id, &filter, false).await;
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    p.publish(&format!("{base}/x"), QoS::AtLeastOnce, false, "stored").await;
+    let topic = format!("{base}/x");
+    eventually("1 stored message", WAIT, || async {
+        (kit.stored_count(&topic).await == 1).then_some(())
+    })
+    .await;
+    // Clean start: the earlier session's pointer goes at connect.
+    let mut c = connect(broker.addr, &id, true).await;
+    eventually("the pointer deleted", WAIT, || async {
+        kit.pointer(&id, &filter).await.is_none().then_some(())
+    })
+    .await;
+    c.subscribe_acked(&filter, QoS::AtLeastOnce).await;
+    let marker = format!("{base}/marker");
+    only_the_marker_arrives(&mut c, &p, &marker).await;
+    assert_eq!(kit.pointer(&id, &filter).await, None, "a clean session keeps no pointer");
+    c.disconnect().await;
+    // A persistent session now (after a restart, so the router has none): a first subscription.
+    let broker = broker.restart();
+    let p = connect(broker.addr, &unique("pub"), true).await;
+    let mut a = connect(broker.addr, &id, false).await;
+    a.subscribe_acked(&filter, QoS::AtLeastOnce).await;
+    only_the_marker_arrives(&mut a, &p, &marker).await;
+    eventually("the new session's pointer", WAIT, || async { kit.pointer(&id, &filter).await }).await;
+}
+
 pub async fn persistent_session_gets_queued_messages_exactly_once<K: Kit>() {
     let kit = K::new().await;
     let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
@@ -449,7 +488,7 @@ pub async fn offline_fetch_returns_the_newest_n_at_the_lower_qos<K: Kit>() {
     let db = K::DB;
     // The default fetch rule, capped at 2 messages (a later duplicate key wins).
     let conf = format!(
-        "{}backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"max_returned_count\": 2}}, \"pool\": \"pool1\"}}\n",
+        "{}backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"max_returned_count\": 2, \"clean_start\": \"fetch\"}}, \"pool\": \"pool1\"}}\n",
         kit.plugin_conf()
     );
     let broker = BrokerProc::start(K::DB, &conf);
@@ -585,7 +624,7 @@ pub async fn first_subscribe_time_range_delivers_recent_messages<K: Kit>() {
     let kit = K::new().await;
     let db = K::DB;
     let conf = format!(
-        "{}backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"first_subscribe\": \"time_range\", \"time_range\": \"1h\"}}, \"pool\": \"pool1\"}}\n",
+        "{}backend.{db}.hook.session.subscribed.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_fetch\"}}, \"offline_opts\": {{\"first_subscribe\": \"time_range\", \"time_range\": \"1h\", \"clean_start\": \"fetch\"}}, \"pool\": \"pool1\"}}\n",
         kit.plugin_conf()
     );
     let broker = BrokerProc::start(K::DB, &conf);
