@@ -123,10 +123,20 @@ fn spawn_ttl_cleanup(pool: std::sync::Weak<Pool>, ttl: std::time::Duration) {
 pub async fn reload(engine: &Arc<Engine>, etc: &std::path::Path, overrides: &crate::config::Overrides) -> Result<usize, String> {
     let conf = Config::load_checked(etc, overrides, &|r| crate::hooks::compile_rule(r).map(|_| ())).map_err(|e| e.to_string())?;
     let rules = conf.rules().count();
+    let acl = load_acl(&conf.broker)?;
     let dispatcher = prepare(&engine.storage, conf, engine.metrics.clone(), engine.dead_letter.clone()).await?;
     start_control(engine, &dispatcher);
     engine.set_dispatcher(dispatcher);
+    engine.set_authorizer(acl);
     Ok(rules)
+}
+
+/// The `acl.file` authorizer, if one is configured; a bad file is an error naming file:line.
+pub fn load_acl(conf: &crate::config::BrokerConf) -> Result<Option<Arc<dyn crate::acl::Authorizer>>, String> {
+    match &conf.acl_file {
+        None => Ok(None),
+        Some(path) => Ok(Some(Arc::new(crate::acl::AclFile::load(path)?))),
+    }
 }
 
 /// Builds the dispatcher on the storage runtime, so pools, writers and their connection
@@ -204,6 +214,7 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
     let conn = conn_rt.0.as_ref().expect("just built").handle().clone();
     let listener = listener.into_std().map_err(|e| e.to_string())?;
     let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage, dead)?;
+    engine.set_authorizer(load_acl(&conf.broker)?);
     start_control(&engine, &dispatcher);
     let accept = {
         let _guard = conn.enter();

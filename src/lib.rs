@@ -4,6 +4,7 @@
 //! Events flow `broker → hooks → backends`, over the shared `model`; the module graph and the
 //! `Backend` seam are drawn in docs/architecture.md (and checked by tests/modules.rs).
 
+pub mod acl;
 pub mod actions;
 pub mod app;
 pub mod backends;

@@ -105,6 +105,10 @@ fn check(etc: &std::path::Path, connect: bool) -> ExitCode {
         eprintln!("warning: {w}");
     }
     let mut bad = false;
+    if let Err(e) = mqtt_persist::app::load_acl(&conf.broker) {
+        eprintln!("{e}");
+        bad = true;
+    }
     for b in &conf.backends {
         for p in b.pools.values() {
             if let Err(e) = mqtt_persist::backends::validate(p) {

@@ -603,3 +603,81 @@ async fn bad_filters_are_refused_per_filter_and_dollar_filters_are_granted() {
     p.publish(&good, QoS::AtLeastOnce, false, b"x", None).await;
     assert_eq!(&c.publish_in().await.payload[..], b"x");
 }
+
+/// `acl.file` in Mosquitto's format: a denied filter gets SUBACK 0x87 (0x80 for 3.1.1), a
+/// denied publish PUBACK 0x87 and goes nowhere, and a stored message on a topic the client
+/// may no longer read is not delivered to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_file_refuses_subscriptions_publishes_and_deliveries() {
+    let kit = SqliteKit::new().await;
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::write(&acl, "topic readwrite #\ntopic deny test/nosubscribe\n").unwrap();
+    let b = BrokerProc::start_with("sqlite", &kit.plugin_conf(), &format!("acl.file = {}", acl.display()));
+    let base = unique("acl");
+    let secret = format!("{base}/secret");
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&secret, QoS::AtLeastOnce, true, b"kept from before", None).await;
+
+    // 3.1.1 and 5 refuse the denied filter, grant the rest of the same SUBSCRIBE.
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    let ack = c
+        .subscribe_with(
+            vec![
+                Filter::new("test/nosubscribe", QoS::AtLeastOnce),
+                Filter::new(format!("{base}/#"), QoS::AtLeastOnce),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        ack.return_codes,
+        vec![SubscribeReasonCode::NotAuthorized, SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let got = c.publish_in().await;
+    assert_eq!(&got.payload[..], b"kept from before", "the retained message, readable for now");
+    c.puback(got.pkid).await;
+    let mut v4 = raw_connect(b.addr, &unique("v4"), 30, None).await;
+    let sub = rumqttd::protocol::Subscribe {
+        pkid: 7,
+        filters: vec![v4_filter("test/nosubscribe")],
+    };
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        v4.write_all(&v4_bytes(vec![rumqttd::protocol::Packet::Subscribe(sub, None)]))
+            .await
+            .unwrap();
+        let mut suback = [0u8; 5];
+        tokio::time::timeout(WAIT, v4.read_exact(&mut suback)).await.unwrap().unwrap();
+        assert_eq!(suback, [0x90, 3, 0, 7, 0x80], "3.1.1 SUBACK failure");
+    }
+
+    // The ACL changes (reload): the secret topic is denied.
+    std::fs::write(
+        &acl,
+        format!("topic readwrite #\ntopic deny test/nosubscribe\ntopic deny {secret}\n"),
+    )
+    .unwrap();
+    b.signal("-HUP");
+    let reader = unique("r");
+    let ack = eventually("the reloaded ACL", WAIT, || {
+        let reader = reader.clone();
+        let secret = secret.clone();
+        async move {
+            let (mut r, _) = V5::connected(b.addr, &reader, Hello::default()).await;
+            let ack = r.subscribe(&secret, QoS::AtLeastOnce).await;
+            (ack.return_codes == vec![SubscribeReasonCode::NotAuthorized]).then_some(ack)
+        }
+    })
+    .await;
+    assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized]);
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    let ack = p.publish(&secret, QoS::AtLeastOnce, false, b"no", None).await.unwrap();
+    assert_eq!(ack.reason, PubAckReason::NotAuthorized);
+    // A wildcard subscriber is granted, but neither the stored retained message nor anything
+    // else on the denied topic reaches it: the marker is the first message.
+    let (mut w, _) = V5::connected(b.addr, &unique("w"), Hello::default()).await;
+    w.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
+    p.publish(&format!("{base}/marker"), QoS::AtLeastOnce, false, b"marker", None).await;
+    assert_eq!(&w.publish_in().await.payload[..], b"marker");
+}

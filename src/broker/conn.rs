@@ -9,6 +9,7 @@
 use super::engine::Engine;
 use super::flow::{AliasError, Aliased, Deferred, InAliases, Inbound, Outbound, SubOpts};
 use super::wire::{self, Codec};
+use crate::acl::{Access, ClientAcl};
 use crate::hooks::Dispatcher;
 use crate::model::Control;
 use crate::model::{now_ms, Client, Event, Hook, Injection, Message, Outcome, Ticket};
@@ -218,6 +219,10 @@ struct Session {
     /// Subscriptions with options that need per-message work (No Local, Retain As Published,
     /// an identifier), counted in `Engine::option_subs` while this connection lives.
     opts: HashMap<Arc<str>, SubOpts>,
+    /// What this client may subscribe to, publish and receive (`acl.file`); none: anything.
+    acl: Option<Arc<dyn ClientAcl>>,
+    /// QoS 2 publishes refused by the ACL to a 3.1.1 client: its PUBREL is answered here.
+    refused_qos2: HashSet<u16>,
     /// Msgids delivered once, while overlapping subscriptions with identifiers make the router
     /// send a copy per subscription (one copy goes out, with every identifier).
     delivered_ids: HashSet<u64>,
@@ -441,6 +446,8 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         in_aliases: InAliases::new(limits.max_topic_alias),
         inbound: Inbound::default(),
         opts,
+        acl: engine.authorizer().map(|a| a.for_client(&client)),
+        refused_qos2: HashSet::new(),
         delivered_ids: HashSet::new(),
         reason: "normal",
         closing: false,
@@ -744,6 +751,16 @@ impl Session {
                 }
                 self.completed();
             }
+            Packet::PubRel(rel, _) if self.refused_qos2.remove(&rel.pkid) => {
+                self.inbound.done(rel.pkid);
+                self.write(Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    },
+                    None,
+                ));
+            }
             Packet::PubRel(rel, _) => self.to_router.push(Packet::PubRel(rel, None)),
             Packet::Subscribe(sub, props) => self.subscribe(sub, props),
             Packet::Unsubscribe(unsub, _) => self.unsubscribe(unsub).await,
@@ -796,6 +813,10 @@ impl Session {
             return Err(ConnError::Protocol(format!("invalid topic name {topic:?}")));
         }
         strip_meta(&mut props);
+        if self.acl.as_ref().is_some_and(|a| !a.allows(Access::Write, topic, false)) {
+            self.refuse_publish(topic.to_string(), qos, pkid);
+            return Ok(());
+        }
         self.engine
             .metrics
             .broker
@@ -838,6 +859,42 @@ impl Session {
         }
         self.to_router.push(Packet::Publish(publish, props));
         Ok(())
+    }
+
+    /// A publish the ACL does not allow: MQTT 5 learns it from the ack (0x87), 3.1.1 gets a
+    /// normal ack (it has no negative one); the message goes nowhere.
+    fn refuse_publish(&mut self, topic: String, qos: u8, pkid: u16) {
+        static DENIED: RateLimited = RateLimited::new();
+        DENIED.warn(|| format!("{}: publish to {topic:?} not authorized", self.client.clientid));
+        let v5 = self.codec.is_v5();
+        match qos {
+            1 => {
+                self.inbound.done(pkid);
+                let reason = if v5 { PubAckReason::NotAuthorized } else { PubAckReason::Success };
+                self.write(Packet::PubAck(PubAck { pkid, reason }, None));
+            }
+            2 if v5 => {
+                self.inbound.done(pkid);
+                self.write(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::NotAuthorized,
+                    },
+                    None,
+                ));
+            }
+            2 => {
+                self.refused_qos2.insert(pkid);
+                self.write(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ));
+            }
+            _ => {}
+        }
     }
 
     /// Storage finished with the publish of this ticket: committed, or refused.
@@ -979,6 +1036,8 @@ impl Session {
                 || path.split('/').count() > limits.max_topic_levels
             {
                 Some(SubscribeReasonCode::TopicFilterInvalid)
+            } else if self.acl.as_ref().is_some_and(|a| !a.allows(Access::Read, path, true)) {
+                Some(SubscribeReasonCode::NotAuthorized)
             } else if path.starts_with("$share/") {
                 Some(SubscribeReasonCode::SharedSubscriptionsNotSupported)
             } else if limits.max_subscriptions > 0 && !self.subs.contains_key(path) && self.subs.len() >= limits.max_subscriptions {
@@ -1264,7 +1323,11 @@ impl Session {
         // Always taken off, even when this connection's rules do not read it (a publisher on
         // another rule generation may have added it).
         let meta = take_meta(&mut f.properties).filter(|_| self.meta || !self.opts.is_empty());
-        let skip = !self.opts.is_empty() && meta.as_ref().is_some_and(|m| self.apply_options(m, &mut f));
+        let denied = self
+            .acl
+            .as_ref()
+            .is_some_and(|a| std::str::from_utf8(&f.publish.topic).is_ok_and(|t| !a.allows(Access::Read, t, false)));
+        let skip = denied || (!self.opts.is_empty() && meta.as_ref().is_some_and(|m| self.apply_options(m, &mut f)));
         if !self.codec.is_v5() {
             f.properties = None;
         }
@@ -1493,6 +1556,9 @@ impl Session {
             self.recent_injected.clear();
         }
         for inj in msgs {
+            if self.acl.as_ref().is_some_and(|a| !a.allows(Access::Read, &inj.msg.topic, false)) {
+                continue;
+            }
             let mut qos = inj.msg.qos.min(sub_qos);
             let pkid = if qos > 0 {
                 match self.alloc_pkid() {
@@ -1592,7 +1658,13 @@ impl Session {
             .option_subs
             .fetch_sub(self.opts.len(), std::sync::atomic::Ordering::Relaxed);
         let mut delayed = None;
-        if let Some((will, props)) = self.will.take() {
+        // A will goes where its client may publish, no further.
+        let allowed = |w: &rumqttd::protocol::LastWill| {
+            self.acl
+                .as_ref()
+                .is_none_or(|a| std::str::from_utf8(&w.topic).is_ok_and(|t| a.allows(Access::Write, t, false)))
+        };
+        if let Some((will, props)) = self.will.take().filter(|(w, _)| allowed(w)) {
             // Taken over by a connection that continues the session: the client is back.
             let back = self.reason == "takenover" && self.engine.took_over(&self.client.clientid);
             let delay = props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);

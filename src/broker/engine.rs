@@ -53,6 +53,8 @@ pub struct Engine {
     /// Published, identifiers): while there are any, every publish carries its sender, QoS and
     /// retain flag across the router.
     pub option_subs: AtomicUsize,
+    /// Who may subscribe, publish and receive what (`acl.file`); none: everyone, everything.
+    authorizer: RwLock<Option<Arc<dyn crate::acl::Authorizer>>>,
     /// Client ids whose router session is being discarded; their next connection waits.
     discarding: Mutex<std::collections::HashSet<Arc<str>>>,
 }
@@ -115,6 +117,7 @@ impl Engine {
             pointer_deletes: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashMap::new()),
             option_subs: AtomicUsize::new(0),
+            authorizer: RwLock::new(None),
             takeovers: Mutex::new(HashMap::new()),
             discarding: Mutex::new(Default::default()),
         });
@@ -158,6 +161,15 @@ impl Engine {
     pub fn set_dispatcher(&self, d: Arc<Dispatcher>) {
         *self.dispatcher.write() = d;
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Sets the authorizer new connections use (start and reload).
+    pub fn set_authorizer(&self, a: Option<Arc<dyn crate::acl::Authorizer>>) {
+        *self.authorizer.write() = a;
+    }
+
+    pub fn authorizer(&self) -> Option<Arc<dyn crate::acl::Authorizer>> {
+        self.authorizer.read().clone()
     }
 
     pub fn generation(&self) -> u64 {

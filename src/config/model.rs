@@ -310,6 +310,8 @@ pub struct BrokerConf {
     pub storage_low_priority: bool,
     pub max_packet_size: usize,
     pub mqtt: MqttLimits,
+    /// `acl.file`, resolved against etc/ (None: no authorization, everyone may do anything).
+    pub acl_file: Option<PathBuf>,
 }
 
 /// What the broker allows each client (announced to MQTT 5 clients in CONNACK).
@@ -387,6 +389,7 @@ const BROKER_KEYS: &[&str] = &[
     "mqtt.max_topic_length",
     "mqtt.max_topic_levels",
     "mqtt.max_subscriptions",
+    "acl.file",
 ];
 
 /// Command-line overrides, applied on top of files and environment.
@@ -437,7 +440,7 @@ impl Config {
                 ));
             }
         }
-        let broker = broker_conf(&entries, overrides, &mut errors);
+        let broker = broker_conf(&entries, overrides, etc, &mut errors);
         let mut backends = Vec::new();
         for db in &broker.plugins {
             let file = etc.join("plugins").join(format!("emqx_backend_{db}.conf"));
@@ -480,7 +483,7 @@ impl Config {
     }
 }
 
-fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> BrokerConf {
+fn broker_conf(e: &Entries, ov: &Overrides, etc: &Path, errors: &mut Vec<ConfError>) -> BrokerConf {
     let get = |k: &str, d: &str| e.get(k).map(|x| x.value.clone()).unwrap_or_else(|| d.to_string());
     let mut num = |k: &str, d: u64, max: u64| -> u64 {
         match e.get(k) {
@@ -579,6 +582,11 @@ fn broker_conf(e: &Entries, ov: &Overrides, errors: &mut Vec<ConfError>) -> Brok
         storage_low_priority,
         max_packet_size,
         mqtt,
+        acl_file: e
+            .get("acl.file")
+            .map(|x| x.value.trim().to_string())
+            .filter(|v| !v.is_empty() && v != "off")
+            .map(|v| etc.join(v)),
     }
 }
 
