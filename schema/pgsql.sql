@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS mqtt_msg (
   qos     SMALLINT NOT NULL,
   retain  BOOLEAN NOT NULL DEFAULT false,
   payload BYTEA,
-  arrived BIGINT NOT NULL
+  arrived BIGINT NOT NULL,
+  -- MQTT 5 properties as JSON (user properties, content type, expiry, ...); NULL: none
+  props   TEXT
 );
 -- "topic = t AND msgid > p" and "topic LIKE 'prefix/%'" (wildcard fetch) are index scans;
 -- text_pattern_ops makes LIKE prefixes indexable whatever the database collation.
@@ -46,7 +48,9 @@ CREATE TABLE IF NOT EXISTS mqtt_retain (
   sender  TEXT NOT NULL,
   qos     SMALLINT NOT NULL,
   payload BYTEA,
-  arrived BIGINT NOT NULL
+  arrived BIGINT NOT NULL,
+  -- MQTT 5 properties as JSON (user properties, content type, expiry, ...); NULL: none
+  props   TEXT
 );
 CREATE INDEX IF NOT EXISTS mqtt_retain_topic_prefix ON mqtt_retain (topic text_pattern_ops);
 
@@ -69,6 +73,8 @@ CREATE TABLE IF NOT EXISTS mqtt_latest (
   qos     SMALLINT NOT NULL,
   retain  BOOLEAN NOT NULL DEFAULT false,
   payload BYTEA,
-  arrived BIGINT NOT NULL
+  arrived BIGINT NOT NULL,
+  -- MQTT 5 properties as JSON (user properties, content type, expiry, ...); NULL: none
+  props   TEXT
 );
 CREATE INDEX IF NOT EXISTS mqtt_latest_topic_prefix ON mqtt_latest (topic text_pattern_ops);

@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS mqtt_msg (
   qos     INTEGER NOT NULL,
   retain  INTEGER NOT NULL DEFAULT 0,
   payload BLOB,
-  arrived INTEGER NOT NULL
+  arrived INTEGER NOT NULL,
+  -- MQTT 5 properties as JSON (user properties, content type, expiry, ...); NULL: none
+  props   TEXT
 );
 -- Serves "topic = x AND msgid > p" and topic-prefix range scans for wildcard fetches.
 CREATE INDEX IF NOT EXISTS mqtt_msg_topic_msgid ON mqtt_msg (topic, msgid);
@@ -45,7 +47,9 @@ CREATE TABLE IF NOT EXISTS mqtt_retain (
   sender  TEXT NOT NULL,
   qos     INTEGER NOT NULL,
   payload BLOB,
-  arrived INTEGER NOT NULL
+  arrived INTEGER NOT NULL,
+  -- MQTT 5 properties as JSON (user properties, content type, expiry, ...); NULL: none
+  props   TEXT
 );
 
 -- Read pointers: the newest msgid a client has acked per subscription filter.
@@ -67,5 +71,7 @@ CREATE TABLE IF NOT EXISTS mqtt_latest (
   qos     INTEGER NOT NULL,
   retain  INTEGER NOT NULL DEFAULT 0,
   payload BLOB,
-  arrived INTEGER NOT NULL
+  arrived INTEGER NOT NULL,
+  -- MQTT 5 properties as JSON (user properties, content type, expiry, ...); NULL: none
+  props   TEXT
 );

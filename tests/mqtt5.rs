@@ -247,11 +247,11 @@ async fn the_clients_receive_maximum_bounds_unacked_live_deliveries() {
     let topic = format!("{}/flow", unique("p"));
     let (mut c, _) = V5::connected(b.addr, &unique("rm"), limits(Some(2), None, None)).await;
     c.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
     for i in 0..5u8 {
-        c.publish(&topic, QoS::AtMostOnce, false, &[i], None).await;
+        p.publish(&topic, QoS::AtLeastOnce, false, &[i], None).await;
     }
-    // Published at QoS 0, delivered at the subscription's QoS 1 by the router: two may be
-    // unacked; the third comes only after an ack, and so on, in order.
+    // Two may be unacked; the third comes only after an ack, and so on, in order.
     let first = c.publish_in().await;
     let second = c.publish_in().await;
     assert_eq!((first.payload[0], second.payload[0]), (0, 1));
@@ -680,4 +680,29 @@ async fn the_acl_file_refuses_subscriptions_publishes_and_deliveries() {
     w.subscribe(&format!("{base}/#"), QoS::AtLeastOnce).await;
     p.publish(&format!("{base}/marker"), QoS::AtLeastOnce, false, b"marker", None).await;
     assert_eq!(&w.publish_in().await.payload[..], b"marker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_go_out_at_the_lower_of_the_published_and_the_granted_qos() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/q", unique("p"));
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    c.subscribe(&topic, QoS::ExactlyOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&topic, QoS::AtMostOnce, false, b"zero", None).await;
+    let got = c.publish_in().await;
+    assert_eq!((got.qos, &got.payload[..]), (QoS::AtMostOnce, &b"zero"[..]));
+    for round in 0..3 {
+        p.publish(&topic, QoS::AtLeastOnce, false, b"one", None).await;
+        let got = c.publish_in().await;
+        assert_eq!(got.qos, QoS::AtLeastOnce, "round {round}");
+        // The PUBACK completes the router's QoS 2 flow: the next rounds still arrive.
+        c.puback(got.pkid).await;
+    }
+    // QoS 2 is routed once the publisher releases it.
+    p.publish(&topic, QoS::ExactlyOnce, false, b"two", None).await;
+    let Packet::PubRec(rec) = p.recv().await else { panic!("PUBREC") };
+    p.send(Packet::PubRel(rumqttc::v5::mqttbytes::v5::PubRel::new(rec.pkid, None)))
+        .await;
+    assert_eq!(c.publish_in().await.qos, QoS::ExactlyOnce);
 }

@@ -725,6 +725,7 @@ mod paging_tests {
             qos: 1,
             retain: false,
             arrived,
+            props: None,
         }
     }
 
@@ -852,6 +853,7 @@ mod spool_format_tests {
             qos: 1,
             retain: false,
             timestamp: 7,
+            props: None,
         })
     }
 

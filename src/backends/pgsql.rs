@@ -104,7 +104,19 @@ pub struct PgBackend {
     /// `prepare = off`: the parameter types the server reported for each custom statement,
     /// learned once, so values convert to them as with prepared statements.
     param_types: parking_lot::Mutex<HashMap<Arc<str>, Arc<[Type]>>>,
+    /// The message tables have the `props` column (MQTT 5 properties). Tables of an earlier
+    /// version or EMQX 4's do not: the first statement that finds it missing turns this off
+    /// (one warning naming the ALTER TABLE to run), and messages are stored without properties.
+    props: std::sync::atomic::AtomicBool,
 }
+
+/// SQLSTATE undefined_column.
+fn undefined_column(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|d| d.code().code() == "42703" && d.message().contains("props"))
+}
+
+const ADD_PROPS: &str = "ALTER TABLE mqtt_msg ADD COLUMN IF NOT EXISTS props text; ALTER TABLE mqtt_retain ADD COLUMN IF NOT EXISTS props text; ALTER TABLE mqtt_latest ADD COLUMN IF NOT EXISTS props text";
 
 fn classify(e: &tokio_postgres::Error) -> BackendError {
     match e.as_db_error() {
@@ -175,6 +187,7 @@ impl PgBackend {
             write_concurrency: s.write_concurrency.min(s.pool_size),
             prepare: s.prepare,
             param_types: Default::default(),
+            props: std::sync::atomic::AtomicBool::new(true),
         };
         if s.auto_create_schema {
             let c = backend
@@ -185,6 +198,10 @@ impl PgBackend {
             c.batch_execute(SCHEMA)
                 .await
                 .map_err(|e| pool.error("auto_create_schema", format!("creating the schema failed: {}", classify(&e))))?;
+            // Tables created by an earlier version get the column in place.
+            c.batch_execute(ADD_PROPS)
+                .await
+                .map_err(|e| pool.error("auto_create_schema", format!("adding the props column failed: {}", classify(&e))))?;
         }
         Ok(backend)
     }
@@ -272,8 +289,39 @@ impl PgBackend {
     /// has no index).
     async fn load_rows(&self, c: &deadpool_postgres::Object, table: Table, rows: &[(u64, String)]) -> BResult<Vec<StoredMessage>> {
         let retain_col = if table == Table::Retain { "true" } else { "retain" };
-        let cols = format!("msgid, sender, topic, qos, {retain_col}, payload, arrived");
-        let found = if table == Table::Msg {
+        let found = self.load_rows_with(c, table, rows, retain_col, self.has_props()).await;
+        let found = match found {
+            Err(e) if undefined_column(&e) => {
+                self.no_props();
+                self.load_rows_with(c, table, rows, retain_col, false).await
+            }
+            other => other,
+        }
+        .map_err(|e| classify(&e))?;
+        found.iter().map(|r| row_msg(r, table.name())).collect()
+    }
+
+    fn has_props(&self) -> bool {
+        self.props.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn no_props(&self) {
+        if self.props.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(pool = %self.label, "the message tables have no props column: MQTT 5 properties are not stored; add it with: {ADD_PROPS}");
+        }
+    }
+
+    async fn load_rows_with(
+        &self,
+        c: &deadpool_postgres::Object,
+        table: Table,
+        rows: &[(u64, String)],
+        retain_col: &str,
+        props: bool,
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let props_col = if props { "props" } else { "NULL::text" };
+        let cols = format!("msgid, sender, topic, qos, {retain_col}, payload, arrived, {props_col}");
+        if table == Table::Msg {
             let ids: Vec<i64> = rows.iter().map(|(id, _)| *id as i64).collect();
             let sql = format!("SELECT {cols} FROM {} WHERE msgid = ANY($1)", table.name());
             self.query(c, &sql, &[Type::INT8_ARRAY], &[&ids]).await
@@ -282,11 +330,25 @@ impl PgBackend {
             let sql = format!("SELECT {cols} FROM {} WHERE topic = ANY($1)", table.name());
             self.query(c, &sql, &[Type::TEXT_ARRAY], &[&topics]).await
         }
-        .map_err(|e| classify(&e))?;
-        found.iter().map(|r| row_msg(r, table.name())).collect()
     }
 
     async fn store_many(&self, c: &deadpool_postgres::Object, table: &str, msgs: &[&Arc<Message>]) -> Result<u64, tokio_postgres::Error> {
+        match self.store_many_with(c, table, msgs, self.has_props()).await {
+            Err(e) if undefined_column(&e) => {
+                self.no_props();
+                self.store_many_with(c, table, msgs, false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn store_many_with(
+        &self,
+        c: &deadpool_postgres::Object,
+        table: &str,
+        msgs: &[&Arc<Message>],
+        with_props: bool,
+    ) -> Result<u64, tokio_postgres::Error> {
         let ids: Vec<i64> = msgs.iter().map(|m| m.msgid as i64).collect();
         let senders: Vec<&str> = msgs.iter().map(|m| &*m.sender).collect();
         let topics: Vec<&str> = msgs.iter().map(|m| &*m.topic).collect();
@@ -294,7 +356,8 @@ impl PgBackend {
         let retain: Vec<bool> = msgs.iter().map(|m| m.retain).collect();
         let payloads: Vec<&[u8]> = msgs.iter().map(|m| &m.payload[..]).collect();
         let arrived: Vec<i64> = msgs.iter().map(|m| m.timestamp).collect();
-        let p: [&(dyn ToSql + Sync); 7] = [&ids, &senders, &topics, &qos, &retain, &payloads, &arrived];
+        let props: Vec<Option<String>> = msgs.iter().map(|m| m.props_json()).collect();
+        let p: [&(dyn ToSql + Sync); 8] = [&ids, &senders, &topics, &qos, &retain, &payloads, &arrived, &props];
         let types = [
             Type::INT8_ARRAY,
             Type::TEXT_ARRAY,
@@ -303,14 +366,28 @@ impl PgBackend {
             Type::BOOL_ARRAY,
             Type::BYTEA_ARRAY,
             Type::INT8_ARRAY,
+            Type::TEXT_ARRAY,
         ];
-        let sql = match table {
-            "mqtt_msg" => {
+        let n = if with_props { 8 } else { 7 };
+        let sql = match (table, with_props) {
+            ("mqtt_msg", true) => {
+                "INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived, props)
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[], $8::text[])
+                 ON CONFLICT (msgid) DO NOTHING"
+            }
+            ("mqtt_msg", false) => {
                 "INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived)
                  SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[])
                  ON CONFLICT (msgid) DO NOTHING"
             }
-            _ => {
+            (_, true) => {
+                "INSERT INTO mqtt_latest (msgid, sender, topic, qos, retain, payload, arrived, props)
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[], $8::text[])
+                 ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
+                   retain = EXCLUDED.retain, payload = EXCLUDED.payload, arrived = EXCLUDED.arrived, props = EXCLUDED.props
+                 WHERE EXCLUDED.msgid > mqtt_latest.msgid"
+            }
+            (_, false) => {
                 "INSERT INTO mqtt_latest (msgid, sender, topic, qos, retain, payload, arrived)
                  SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int2[], $5::bool[], $6::bytea[], $7::int8[])
                  ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
@@ -318,17 +395,33 @@ impl PgBackend {
                  WHERE EXCLUDED.msgid > mqtt_latest.msgid"
             }
         };
-        self.exec(c, sql, &types, &p).await
+        self.exec(c, sql, &types[..n], &p[..n]).await
     }
 
     async fn retain_many(&self, c: &deadpool_postgres::Object, msgs: &[&Arc<Message>]) -> Result<u64, tokio_postgres::Error> {
+        match self.retain_many_with(c, msgs, self.has_props()).await {
+            Err(e) if undefined_column(&e) => {
+                self.no_props();
+                self.retain_many_with(c, msgs, false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn retain_many_with(
+        &self,
+        c: &deadpool_postgres::Object,
+        msgs: &[&Arc<Message>],
+        with_props: bool,
+    ) -> Result<u64, tokio_postgres::Error> {
         let ids: Vec<i64> = msgs.iter().map(|m| m.msgid as i64).collect();
         let senders: Vec<&str> = msgs.iter().map(|m| &*m.sender).collect();
         let topics: Vec<&str> = msgs.iter().map(|m| &*m.topic).collect();
         let qos: Vec<i16> = msgs.iter().map(|m| i16::from(m.qos)).collect();
         let payloads: Vec<&[u8]> = msgs.iter().map(|m| &m.payload[..]).collect();
         let arrived: Vec<i64> = msgs.iter().map(|m| m.timestamp).collect();
-        let p: [&(dyn ToSql + Sync); 6] = [&topics, &ids, &senders, &qos, &payloads, &arrived];
+        let props: Vec<Option<String>> = msgs.iter().map(|m| m.props_json()).collect();
+        let p: [&(dyn ToSql + Sync); 7] = [&topics, &ids, &senders, &qos, &payloads, &arrived, &props];
         let types = [
             Type::TEXT_ARRAY,
             Type::INT8_ARRAY,
@@ -336,18 +429,28 @@ impl PgBackend {
             Type::INT2_ARRAY,
             Type::BYTEA_ARRAY,
             Type::INT8_ARRAY,
+            Type::TEXT_ARRAY,
         ];
-        self.exec(
-            c,
-            "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived)
-             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int2[], $5::bytea[], $6::int8[])
-             ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
-               payload = EXCLUDED.payload, arrived = EXCLUDED.arrived
-             WHERE EXCLUDED.msgid >= mqtt_retain.msgid",
-            &types,
-            &p,
-        )
-        .await
+        let (sql, n) = if with_props {
+            (
+                "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived, props)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int2[], $5::bytea[], $6::int8[], $7::text[])
+                 ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
+                   payload = EXCLUDED.payload, arrived = EXCLUDED.arrived, props = EXCLUDED.props
+                 WHERE EXCLUDED.msgid >= mqtt_retain.msgid",
+                7,
+            )
+        } else {
+            (
+                "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int2[], $5::bytea[], $6::int8[])
+                 ON CONFLICT (topic) DO UPDATE SET msgid = EXCLUDED.msgid, sender = EXCLUDED.sender, qos = EXCLUDED.qos,
+                   payload = EXCLUDED.payload, arrived = EXCLUDED.arrived
+                 WHERE EXCLUDED.msgid >= mqtt_retain.msgid",
+                6,
+            )
+        };
+        self.exec(c, sql, &types[..n], &p[..n]).await
     }
 
     async fn advance_many(&self, c: &deadpool_postgres::Object, ops: &[&WriteOp]) -> Result<u64, tokio_postgres::Error> {
@@ -547,6 +650,11 @@ fn row_msg(r: &Row, table: &str) -> BResult<StoredMessage> {
         .unwrap_or_default()
         .into(),
         arrived: int_col(r, 6, table)?,
+        props: r
+            .try_get::<_, Option<String>>(7)
+            .ok()
+            .flatten()
+            .and_then(|t| crate::model::MsgProps::from_json(&t)),
     })
 }
 

@@ -765,6 +765,7 @@ mod tests {
             qos: 1,
             retain: true,
             timestamp: 0,
+            props: None,
         })
     }
 

@@ -61,6 +61,7 @@ local id = ARGV[1]
 if cur and (#cur > #id or (#cur == #id and cur > id)) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'id', id, 'from', ARGV[2], 'qos', ARGV[3], 'topic', ARGV[4], 'payload', ARGV[5], 'ts', ARGV[6], 'retain', 'true')
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'props', ARGV[8]) end
 if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[7]) end
 return 1";
 const DEL_IF_ID_LUA: &str = r"
@@ -453,6 +454,7 @@ impl RedisBackend {
                     .arg(&msg.payload[..])
                     .arg(msg.timestamp)
                     .arg(ttl.as_secs())
+                    .arg(msg.props_json().unwrap_or_default())
                     .ignore();
                 p.cmd("ZADD").arg(TOPICS_RETAIN).arg(0).arg(&*msg.topic).ignore();
             }
@@ -889,6 +891,9 @@ fn hset_message(p: &mut Pipeline, key: &str, m: &Message) {
         .arg("retain")
         .arg(if m.retain { "true" } else { "false" })
         .ignore();
+    if let Some(props) = m.props_json() {
+        p.cmd("HSET").arg(key).arg("props").arg(props).ignore();
+    }
 }
 
 fn parse_message(m: &HashMap<String, Vec<u8>>) -> Option<StoredMessage> {
@@ -901,6 +906,7 @@ fn parse_message(m: &HashMap<String, Vec<u8>>) -> Option<StoredMessage> {
         qos: s("qos").and_then(|q| q.parse::<u8>().ok()).unwrap_or(0).min(2),
         retain: s("retain") == Some("true"),
         arrived: s("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
+        props: s("props").and_then(crate::model::MsgProps::from_json),
     })
 }
 

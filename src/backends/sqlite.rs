@@ -79,6 +79,7 @@ impl SqliteBackend {
         let writer = open_conn(&s).map_err(err)?;
         if s.auto_create_schema {
             writer.execute_batch(SCHEMA).map_err(err)?;
+            migrate(&writer).map_err(err)?;
         }
         let reader = open_conn(&s).map_err(err)?;
         Ok(SqliteBackend {
@@ -152,24 +153,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
                 .execute(params![disconnected_at, &**clientid, connected_at])?;
         }
         WriteOp::StoreMessage { msg, .. } => {
-            tx.prepare_cached("INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (msgid) DO NOTHING")?
-                .execute(params![msg.msgid as i64, &*msg.sender, &*msg.topic, msg.qos, msg.retain, &msg.payload[..], msg.timestamp])?;
+            tx.prepare_cached("INSERT INTO mqtt_msg (msgid, sender, topic, qos, retain, payload, arrived, props) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (msgid) DO NOTHING")?
+                .execute(params![msg.msgid as i64, &*msg.sender, &*msg.topic, msg.qos, msg.retain, &msg.payload[..], msg.timestamp, msg.props_json()])?;
         }
         WriteOp::StoreLatest { msg, .. } => {
             tx.prepare_cached(
-                "INSERT INTO mqtt_latest (topic, msgid, sender, qos, retain, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, retain = excluded.retain, payload = excluded.payload, arrived = excluded.arrived
+                "INSERT INTO mqtt_latest (topic, msgid, sender, qos, retain, payload, arrived, props) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, retain = excluded.retain, payload = excluded.payload, arrived = excluded.arrived, props = excluded.props
                  WHERE excluded.msgid > mqtt_latest.msgid",
             )?
-            .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, msg.retain, &msg.payload[..], msg.timestamp])?;
+            .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, msg.retain, &msg.payload[..], msg.timestamp, msg.props_json()])?;
         }
         WriteOp::RetainUpsert { msg, .. } => {
             tx.prepare_cached(
-                "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, payload = excluded.payload, arrived = excluded.arrived
+                "INSERT INTO mqtt_retain (topic, msgid, sender, qos, payload, arrived, props) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (topic) DO UPDATE SET msgid = excluded.msgid, sender = excluded.sender, qos = excluded.qos, payload = excluded.payload, arrived = excluded.arrived, props = excluded.props
                  WHERE excluded.msgid >= mqtt_retain.msgid",
             )?
-            .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, &msg.payload[..], msg.timestamp])?;
+            .execute(params![&*msg.topic, msg.msgid as i64, &*msg.sender, msg.qos, &msg.payload[..], msg.timestamp, msg.props_json()])?;
         }
         WriteOp::RetainDelete { topic, msgid } => {
             tx.prepare_cached("DELETE FROM mqtt_retain WHERE topic = ?1 AND msgid < ?2")?
@@ -223,7 +224,20 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<bool>
     Ok(false)
 }
 
-const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
+const MSG_COLS: &str = "msgid, sender, topic, qos, retain, payload, arrived, props";
+
+/// Tables created by an earlier version lack the `props` column: added in place.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    for table in ["mqtt_msg", "mqtt_retain", "mqtt_latest"] {
+        let has: bool = c
+            .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = 'props'"))?
+            .exists([])?;
+        if !has {
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN props TEXT"))?;
+        }
+    }
+    Ok(())
+}
 
 /// A stored message from a row of `table`. SQLite columns hold any type: a value of the wrong
 /// one is an error naming table, column, expected and found type.
@@ -243,6 +257,7 @@ fn row_msg(r: &rusqlite::Row<'_>, table: &str) -> BResult<StoredMessage> {
         retain: int_col(r, 4, table)? != 0,
         payload: payload.unwrap_or_default().into(),
         arrived: int_col(r, 6, table)?,
+        props: text_col(r, 7, table)?.and_then(|t| crate::model::MsgProps::from_json(&t)),
     })
 }
 
@@ -334,7 +349,7 @@ fn scan_rows(c: &Connection, table: Table, filter: &str, span: Span, desc: bool,
 fn load_rows(c: &Connection, table: Table, rows: &[(u64, String)]) -> BResult<Vec<StoredMessage>> {
     let Some(first) = rows.first() else { return Ok(Vec::new()) };
     let cols = match table {
-        Table::Retain => "msgid, sender, topic, qos, 1, payload, arrived",
+        Table::Retain => "msgid, sender, topic, qos, 1, payload, arrived, props",
         Table::Msg | Table::Latest => MSG_COLS,
     };
     let by_id = table == Table::Msg;
@@ -514,6 +529,7 @@ mod tests {
                 qos: 1,
                 retain: true,
                 timestamp: 1,
+                props: None,
             })
         };
         let retained = || -> Option<i64> { b.writer.lock().query_row("SELECT msgid FROM mqtt_retain", [], |r| r.get(0)).ok() };

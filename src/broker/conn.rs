@@ -31,8 +31,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-/// User property carrying `msgid:timestamp:flags:sender` from publisher to subscriber links
-/// (flags: the published QoS × 2 + retain).
+/// User property carrying `msgid:timestamp:sender` from publisher to subscriber links (the
+/// published QoS and retain flag travel apart, `wire::mark_published`).
 const META_KEY: &str = "mqtt-persist-meta";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Router packet ids are 1..=100; ours for injected messages start above.
@@ -65,13 +65,10 @@ struct Meta {
     msgid: u64,
     sender: Arc<str>,
     timestamp: i64,
-    /// As published (the router forwards at the subscription's QoS and clears retain).
-    retain: bool,
 }
 
 fn encode_meta(m: &Message) -> (String, String) {
-    let flags = m.qos * 2 + u8::from(m.retain);
-    (META_KEY.to_string(), format!("{}:{}:{}:{}", m.msgid, m.timestamp, flags, m.sender))
+    (META_KEY.to_string(), format!("{}:{}:{}", m.msgid, m.timestamp, m.sender))
 }
 
 /// Removes every user property named like the broker's carrier. Applied to each PUBLISH and
@@ -98,14 +95,12 @@ fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
     if props.as_ref().is_some_and(|p| *p == PublishProperties::default()) {
         *props = None;
     }
-    let mut it = v.splitn(4, ':');
+    let mut it = v.splitn(3, ':');
     let msgid = it.next()?.parse().ok()?;
     let timestamp = it.next()?.parse().ok()?;
-    let flags: u8 = it.next()?.parse().ok()?;
     Some(Meta {
         msgid,
         timestamp,
-        retain: flags & 1 == 1,
         sender: it.next().unwrap_or("").into(),
     })
 }
@@ -221,6 +216,12 @@ struct Session {
     opts: HashMap<Arc<str>, SubOpts>,
     /// What this client may subscribe to, publish and receive (`acl.file`); none: anything.
     acl: Option<Arc<dyn ClientAcl>>,
+    /// The highest QoS among this client's subscriptions: a forward of a message published at
+    /// a lower QoS may need to go out lower than the router sends it.
+    max_sub_qos: u8,
+    /// Router QoS 2 forwards sent to the client at QoS 1 (published at 1): its PUBACK
+    /// completes them towards the router.
+    downgraded: HashSet<u16>,
     /// QoS 2 publishes refused by the ACL to a 3.1.1 client: its PUBREL is answered here.
     refused_qos2: HashSet<u16>,
     /// Msgids delivered once, while overlapping subscriptions with identifiers make the router
@@ -406,6 +407,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     } else {
         HashMap::new()
     };
+    let subs_max = subs.values().copied().max().unwrap_or(0);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let generation = engine.generation();
     let d = engine.dispatcher();
@@ -448,6 +450,8 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         opts,
         acl: engine.authorizer().map(|a| a.for_client(&client)),
         refused_qos2: HashSet::new(),
+        max_sub_qos: subs_max,
+        downgraded: HashSet::new(),
         delivered_ids: HashSet::new(),
         reason: "normal",
         closing: false,
@@ -613,6 +617,14 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     let _ = writer.shutdown().await;
     let will = s.close(link_open).await;
     engine.unregister(&clientid, conn_id);
+    if s.reason == "protocol_error" {
+        // The client may still be writing when the broker ends the connection (an MQTT 5
+        // DISCONNECT with a reason is on its way): read on until it closes, briefly, so that it
+        // reads that DISCONNECT instead of running into a reset.
+        let mut sink = [0u8; 4096];
+        let drain = async { while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
     // What outlives the connection: its session until it expires (for ever: nothing to do),
     // a delayed will. A session that ends with the connection ends now, unless the router
     // forgets it by itself (a clean link).
@@ -785,10 +797,16 @@ impl Session {
     }
 
     async fn publish(&mut self, mut publish: Publish, mut props: Option<PublishProperties>, qos: u8, pkid: u16) -> Result<(), ConnError> {
-        if qos > 0 && !self.inbound.received(pkid, self.engine.conf.mqtt.max_inflight) {
+        // Only MQTT 5 clients were told the broker's Receive Maximum; 3.1.1 has none.
+        if qos > 0 && self.codec.is_v5() && !self.inbound.received(pkid, self.engine.conf.mqtt.max_inflight) {
             self.disconnect_v5(DisconnectReasonCode::ReceiveMaximumExceeded);
             return Err(ConnError::Protocol("more unacknowledged publishes than the receive maximum".into()));
         }
+        if props.as_ref().and_then(|p| p.payload_format_indicator).is_some_and(|v| v > 1) {
+            self.disconnect_v5(DisconnectReasonCode::ProtocolError);
+            return Err(ConnError::Protocol("payload format indicator other than 0 or 1".into()));
+        }
+        let published_retain = publish.retain;
         if let Some(alias) = props.as_mut().and_then(|p| p.topic_alias.take()) {
             match self.in_aliases.resolve(std::mem::take(&mut publish.topic), alias) {
                 Ok(t) => publish.topic = t,
@@ -837,6 +855,7 @@ impl Session {
                 qos,
                 retain: publish.retain,
                 timestamp: now_ms(),
+                props: stored_props(&props),
             });
             if has_rules {
                 if qos > 0 && self.d.no_loss() {
@@ -857,6 +876,7 @@ impl Session {
                 props.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
             }
         }
+        wire::mark_published(&mut props, qos, published_retain);
         self.to_router.push(Packet::Publish(publish, props));
         Ok(())
     }
@@ -979,6 +999,13 @@ impl Session {
                 self.fire_acked(meta.msgid, t.into());
             }
         }
+        // Sent at QoS 1 for a router QoS 2 flow: the PUBACK completes it towards the router.
+        let kind = if matches!(kind, AckKind::PubAck) && self.downgraded.remove(&pkid) {
+            self.swallow_pubrel.insert(pkid);
+            AckKind::PubRec
+        } else {
+            kind
+        };
         if let Some(e) = self.router_inflight.iter_mut().find(|e| e.pkid == pkid && e.ack.is_none()) {
             e.ack = Some(kind);
         }
@@ -1073,6 +1100,7 @@ impl Session {
                 routed.push(f);
             }
         }
+        self.max_sub_qos = self.subs.values().copied().max().unwrap_or(0);
         self.sync_session();
         // The hook's writes are queued now, before anything this client sends next (an
         // UNSUBSCRIBE in the same read must not overtake them); only the reads run apart.
@@ -1193,6 +1221,7 @@ impl Session {
             }
             self.fire_unsubscribed(f.as_str().into());
         }
+        self.max_sub_qos = self.subs.values().copied().max().unwrap_or(0);
         self.sync_session();
         if !self.codec.is_v5() {
             reasons.clear();
@@ -1320,14 +1349,16 @@ impl Session {
     }
 
     fn forward(&mut self, mut f: Forward) {
+        let published = wire::take_published(&mut f.properties);
         // Always taken off, even when this connection's rules do not read it (a publisher on
         // another rule generation may have added it).
         let meta = take_meta(&mut f.properties).filter(|_| self.meta || !self.opts.is_empty());
+        let published_retain = published.is_some_and(|(_, r)| r);
         let denied = self
             .acl
             .as_ref()
             .is_some_and(|a| std::str::from_utf8(&f.publish.topic).is_ok_and(|t| !a.allows(Access::Read, t, false)));
-        let skip = denied || (!self.opts.is_empty() && meta.as_ref().is_some_and(|m| self.apply_options(m, &mut f)));
+        let skip = denied || (!self.opts.is_empty() && meta.as_ref().is_some_and(|m| self.apply_options(m, published_retain, &mut f)));
         if !self.codec.is_v5() {
             f.properties = None;
         }
@@ -1358,6 +1389,36 @@ impl Session {
             } else {
                 (qos, pkid, None)
             }
+        } else if published.is_some_and(|(q, _)| q < self.max_sub_qos) {
+            // Maybe published below the subscription's QoS: delivered at the published one
+            // (MQTT-3.8.4-8), the router's flow completed here.
+            let (pq, _) = published.unwrap_or_default();
+            let start = self.wbuf.len();
+            self.write(Packet::Publish(f.publish.clone(), None));
+            let (rq, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+            self.wbuf.truncate(start);
+            if pq >= rq {
+                let (qos, pkid, sent) = self.send_publish(f.publish, f.properties, false);
+                (qos, pkid, Some(sent))
+            } else if pq == 0 {
+                let p = Publish::new(f.publish.topic.clone(), f.publish.payload.clone(), f.publish.retain);
+                let _ = self.send_publish(p, f.properties, false);
+                self.router_inflight.push_back(RouterInflight {
+                    pkid,
+                    ack: Some(if rq == 2 { AckKind::PubRec } else { AckKind::PubAck }),
+                });
+                if rq == 2 {
+                    self.swallow_pubrel.insert(pkid);
+                }
+                self.release_router_acks();
+                self.fire_delivered(meta, topic, payload, 0);
+                return;
+            } else {
+                let p = wire::build_publish(&f.publish.topic, &f.publish.payload, 1, f.publish.retain, pkid);
+                self.downgraded.insert(pkid);
+                let (_, _, sent) = self.send_publish(p, f.properties, false);
+                (rq, pkid, Some(sent))
+            }
         } else {
             let (qos, pkid, sent) = self.send_publish(f.publish, f.properties, false);
             (qos, pkid, Some(sent))
@@ -1383,26 +1444,32 @@ impl Session {
                 self.dropped_publish(qos, pkid, false);
             }
         }
-        if let Some(m) = meta {
-            if self.d.has(Hook::MessageDelivered) {
-                if let Ok(t) = std::str::from_utf8(&topic) {
-                    let msg = Arc::new(Message {
-                        msgid: m.msgid,
-                        sender: m.sender,
-                        username: None,
-                        topic: t.into(),
-                        payload,
-                        qos,
-                        retain: false,
-                        timestamp: m.timestamp,
-                    });
-                    self.d.fire(&Event::Delivered {
-                        client: self.client.clone(),
-                        msg,
-                        qos,
-                    });
-                }
-            }
+        self.fire_delivered(meta, topic, payload, qos);
+    }
+
+    /// `message.delivered` for a live message that went out at `qos`.
+    fn fire_delivered(&self, meta: Option<Meta>, topic: Bytes, payload: Bytes, qos: u8) {
+        let Some(m) = meta else { return };
+        if !self.d.has(Hook::MessageDelivered) {
+            return;
+        }
+        if let Ok(t) = std::str::from_utf8(&topic) {
+            let msg = Arc::new(Message {
+                msgid: m.msgid,
+                sender: m.sender,
+                username: None,
+                topic: t.into(),
+                payload,
+                qos,
+                retain: false,
+                timestamp: m.timestamp,
+                props: None,
+            });
+            self.d.fire(&Event::Delivered {
+                client: self.client.clone(),
+                msg,
+                qos,
+            });
         }
     }
 
@@ -1410,7 +1477,7 @@ impl Session {
     /// matching subscription and the retain flag as published where asked; true when the
     /// client is not to get it (No Local on every matching subscription, or the copy of a
     /// message already delivered through another subscription).
-    fn apply_options(&mut self, m: &Meta, f: &mut Forward) -> bool {
+    fn apply_options(&mut self, m: &Meta, published_retain: bool, f: &mut Forward) -> bool {
         let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
             return false;
         };
@@ -1443,7 +1510,7 @@ impl Session {
             ids.sort_unstable();
             f.properties.get_or_insert_with(Default::default).subscription_identifiers = ids;
         }
-        if rap && m.retain {
+        if rap && published_retain {
             f.publish.retain = true;
         }
         false
@@ -1555,8 +1622,13 @@ impl Session {
         if self.recent_injected.len() > 100_000 {
             self.recent_injected.clear();
         }
+        let now = now_ms();
         for inj in msgs {
             if self.acl.as_ref().is_some_and(|a| !a.allows(Access::Read, &inj.msg.topic, false)) {
+                continue;
+            }
+            // Expired while stored (MQTT 5 message expiry): never delivered.
+            if inj.msg.expired(now) {
                 continue;
             }
             let mut qos = inj.msg.qos.min(sub_qos);
@@ -1579,7 +1651,13 @@ impl Session {
                 0
             };
             let publish = wire::build_publish(inj.msg.topic.as_bytes(), &inj.msg.payload, qos, inj.retained, pkid);
-            let (_, _, sent) = self.send_publish(publish, None, true);
+            let props = inj
+                .msg
+                .props
+                .as_ref()
+                .filter(|_| self.codec.is_v5())
+                .map(|p| replay_props(p, inj.msg.arrived, now));
+            let (_, _, sent) = self.send_publish(publish, props, true);
             if !inj.retained {
                 self.recent_injected.insert(inj.msg.msgid);
             }
@@ -1607,6 +1685,7 @@ impl Session {
                     qos,
                     retain: inj.retained,
                     timestamp: m.arrived,
+                    props: None,
                 });
                 self.d.fire(&Event::Delivered {
                     client: self.client.clone(),
@@ -1753,6 +1832,16 @@ async fn publish_will(
 ) {
     {
         let Ok(topic) = std::str::from_utf8(&will.topic) else { return };
+        let mut p = props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator.filter(|v| *v <= 1),
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+            ..Default::default()
+        });
+        strip_meta(&mut p);
         let msg = Arc::new(Message {
             msgid: engine.msgids.next(),
             sender: client.clientid.clone(),
@@ -1762,24 +1851,54 @@ async fn publish_will(
             qos: will.qos as u8,
             retain: will.retain,
             timestamp: now_ms(),
+            props: stored_props(&p),
         });
         d.publish(&msg, None).await;
         let retain = will.retain && !d.retain_in_db(topic);
         let publish = wire::build_publish(&will.topic, &will.message, 0, retain, 0);
-        let mut p = props.map(|p| PublishProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            message_expiry_interval: p.message_expiry_interval,
-            response_topic: p.response_topic,
-            correlation_data: p.correlation_data,
-            user_properties: p.user_properties,
-            content_type: p.content_type,
-            ..Default::default()
-        });
         strip_meta(&mut p);
         if meta {
             p.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
         }
+        wire::mark_published(&mut p, will.qos as u8, will.retain);
         engine.internal_publish(publish, p);
+    }
+}
+
+/// The properties a stored copy of a publish keeps (SPEC: faithful replay), if it has any.
+fn stored_props(p: &Option<PublishProperties>) -> Option<Arc<crate::model::MsgProps>> {
+    use base64::Engine as _;
+    let p = p.as_ref()?;
+    let user: Vec<(String, String)> = p.user_properties.iter().filter(|(k, _)| k != META_KEY).cloned().collect();
+    let m = crate::model::MsgProps {
+        payload_format: p.payload_format_indicator,
+        expiry: p.message_expiry_interval,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p
+            .correlation_data
+            .as_ref()
+            .map(|c| base64::engine::general_purpose::STANDARD.encode(c)),
+        user,
+    };
+    (m != crate::model::MsgProps::default()).then(|| Arc::new(m))
+}
+
+/// A stored message's properties as it goes out, its expiry interval counted down.
+fn replay_props(p: &crate::model::MsgProps, arrived: i64, now: i64) -> PublishProperties {
+    use base64::Engine as _;
+    PublishProperties {
+        payload_format_indicator: p.payload_format.filter(|v| *v <= 1),
+        message_expiry_interval: p.remaining(arrived, now),
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p
+            .correlation_data
+            .as_ref()
+            .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok())
+            .map(Bytes::from),
+        user_properties: p.user.clone(),
+        ..Default::default()
     }
 }
 

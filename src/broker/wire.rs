@@ -98,6 +98,37 @@ pub fn build_publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: 
     Publish::deserialize(b.freeze())
 }
 
+/// Marks a publish with its QoS and retain flag as published, for the subscriber side: the
+/// router forwards at the subscription's QoS and clears retain. They ride in the high bits of
+/// the Payload Format Indicator (a client may only send 0 or 1 there, checked on PUBLISH),
+/// which the router passes through untouched: no allocation per message, unlike a user
+/// property. `take_published` restores the client's own value.
+pub fn mark_published(props: &mut Option<rumqttd::protocol::PublishProperties>, qos: u8, retain: bool) {
+    let p = props.get_or_insert_with(Default::default);
+    let own = match p.payload_format_indicator {
+        None => 0,
+        Some(0) => 1,
+        Some(_) => 2,
+    };
+    p.payload_format_indicator = Some(0x80 | (own << 3) | ((qos & 3) << 1) | u8::from(retain));
+}
+
+/// The published QoS and retain flag [`mark_published`] set, with the client's own Payload
+/// Format Indicator back in place (and no properties left if that was all there was).
+pub fn take_published(props: &mut Option<rumqttd::protocol::PublishProperties>) -> Option<(u8, bool)> {
+    let p = props.as_mut()?;
+    let v = p.payload_format_indicator.filter(|v| v & 0x80 != 0)?;
+    p.payload_format_indicator = match (v >> 3) & 3 {
+        0 => None,
+        1 => Some(0),
+        _ => Some(1),
+    };
+    if *p == rumqttd::protocol::PublishProperties::default() {
+        *props = None;
+    }
+    Some(((v >> 1) & 3, v & 1 == 1))
+}
+
 /// An MQTT 5 DISCONNECT with `code` and an empty property list. rumqttd's v5 writer gets the
 /// remaining length wrong for any reason but 0x00 without properties (it writes `E0 01 82 00`),
 /// and the shorter valid form without the property length (`E0 01 82`) is more than some
@@ -180,6 +211,22 @@ mod tests {
                 assert!(codec.read(&mut buf, 1024).is_err(), "{first:#x}");
             }
         }
+    }
+
+    #[test]
+    fn published_flags_round_trip_and_restore_the_clients_indicator() {
+        for own in [None, Some(0), Some(1)] {
+            for (qos, retain) in [(0, false), (1, true), (2, false)] {
+                let mut props = own.map(|v| rumqttd::protocol::PublishProperties {
+                    payload_format_indicator: Some(v),
+                    ..Default::default()
+                });
+                mark_published(&mut props, qos, retain);
+                assert_eq!(take_published(&mut props), Some((qos, retain)));
+                assert_eq!(props.and_then(|p| p.payload_format_indicator), own);
+            }
+        }
+        assert_eq!(take_published(&mut None), None);
     }
 
     #[test]

@@ -216,6 +216,16 @@ pub struct Message {
     pub retain: bool,
     /// Milliseconds since the epoch, when the broker received it.
     pub timestamp: i64,
+    /// MQTT 5 properties to store with it (none for 3.1.1 and plain v5 publishes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub props: Option<Arc<super::MsgProps>>,
+}
+
+impl Message {
+    /// The `props` column's value: JSON text, or NULL.
+    pub fn props_json(&self) -> Option<String> {
+        self.props.as_ref().map(|p| p.to_json())
+    }
 }
 
 #[derive(Debug, Clone)]

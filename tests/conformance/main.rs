@@ -33,6 +33,7 @@ macro_rules! conformance {
             scenario!(retained_lookup_matches_wildcards_with_one_copy_per_topic);
             scenario!(offline_messages_reach_only_the_resubscribing_client);
             scenario!(clean_sessions_have_no_read_pointers);
+            scenario!(mqtt5_properties_and_expiry_survive_storage);
             scenario!(persistent_session_gets_queued_messages_exactly_once);
             scenario!(client_state_follows_connects_and_takeovers);
             scenario!(custom_statements_store_hostile_input_verbatim);

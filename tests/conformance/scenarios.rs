@@ -924,3 +924,72 @@ pub async fn hash_filters_match_the_parent_level_in_fetch_and_retained<K: Kit>()
     want.sort();
     assert_eq!(got, want);
 }
+
+/// MQTT 5 properties survive storage: a retained message and an offline message come back
+/// after a broker restart with their user properties (order and duplicates kept), content type,
+/// response topic and correlation data; a message whose expiry passed while stored is never
+/// fetched, and one that has time left goes out with the interval counted down.
+pub async fn mqtt5_properties_and_expiry_survive_storage<K: Kit>() {
+    use crate::common::v5::*;
+    let kit = K::new().await;
+    let broker = BrokerProc::start(K::DB, &kit.plugin_conf());
+    let base = unique("p5");
+    let filter = format!("{base}/#");
+    let props = |expiry: Option<u32>| PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: expiry,
+        topic_alias: None,
+        response_topic: Some(format!("{base}/reply")),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00id\xff")),
+        user_properties: vec![("a".into(), "2".into()), ("a".into(), "1".into()), ("c".into(), "3".into())],
+        subscription_identifiers: vec![],
+        content_type: Some("text/plain".into()),
+    };
+    let id = unique("dev");
+    let persistent = || Hello {
+        clean_start: false,
+        ..Hello::session(u32::MAX)
+    };
+    let (mut s, _) = V5::connected(broker.addr, &id, persistent()).await;
+    s.subscribe(&filter, QoS::AtLeastOnce).await;
+    eventually("the read pointer", WAIT, || async { kit.pointer(&id, &filter).await }).await;
+    s.disconnect(DisconnectReasonCode::NormalDisconnection).await;
+    let (mut p, _) = V5::connected(broker.addr, &unique("pub"), Hello::default()).await;
+    p.publish(&format!("{base}/kept"), QoS::AtLeastOnce, true, b"retained", Some(props(None)))
+        .await;
+    p.publish(&format!("{base}/short"), QoS::AtLeastOnce, false, b"expires", Some(props(Some(1))))
+        .await;
+    p.publish(&format!("{base}/long"), QoS::AtLeastOnce, false, b"lasts", Some(props(Some(600))))
+        .await;
+    eventually("2 stored", WAIT, || async {
+        (kit.stored_count(&format!("{base}/short")).await + kit.stored_count(&format!("{base}/long")).await == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let broker = broker.restart();
+    let (mut s, ack) = V5::connected(broker.addr, &id, persistent()).await;
+    assert!(!ack.session_present, "restarted: only the database remembers");
+    s.subscribe(&filter, QoS::AtLeastOnce).await;
+    // The fetch (the retained message was stored as an offline message too), then the
+    // retained lookup.
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = s.publish_in().await;
+        s.puback(m.pkid).await;
+        got.push(m);
+    }
+    assert!(
+        got.iter().all(|m| &m.payload[..] != b"expires"),
+        "an expired message is never fetched: {got:?}"
+    );
+    assert!(got.iter().any(|m| m.retain && &m.payload[..] == b"retained"), "{got:?}");
+    for m in &got {
+        let mut p = m.properties.clone().expect("properties");
+        if &m.payload[..] == b"lasts" {
+            let left = p.message_expiry_interval.take().expect("an expiry");
+            assert!((590..600).contains(&left), "counted down: {left}");
+        }
+        let payload = &m.payload;
+        assert_eq!(p, props(None), "{payload:?}");
+    }
+}
