@@ -219,6 +219,8 @@ struct Session {
     /// The highest QoS among this client's subscriptions: a forward of a message published at
     /// a lower QoS may need to go out lower than the router sends it.
     max_sub_qos: u8,
+    /// This connection's QoS 2 subscriptions, as counted in `Engine::qos2_subs`.
+    qos2_counted: usize,
     /// Router QoS 2 forwards sent to the client at QoS 1 (published at 1): its PUBACK
     /// completes them towards the router.
     downgraded: HashSet<u16>,
@@ -451,11 +453,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         acl: engine.authorizer().map(|a| a.for_client(&client)),
         refused_qos2: HashSet::new(),
         max_sub_qos: subs_max,
+        qos2_counted: 0,
         downgraded: HashSet::new(),
         delivered_ids: HashSet::new(),
         reason: "normal",
         closing: false,
     };
+    s.sub_qos_changed();
     let props = codec.is_v5().then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
         receive_max: Some(limits.max_inflight),
@@ -876,7 +880,12 @@ impl Session {
                 props.get_or_insert_with(Default::default).user_properties.push(encode_meta(&msg));
             }
         }
-        wire::mark_published(&mut props, qos, published_retain);
+        // Only a message that may have to go out below the router's QoS, or with its retain
+        // flag, needs the mark: QoS 0 (to any QoS 1/2 subscriber), QoS 1 while someone
+        // subscribes at QoS 2, and retained ones (Retain As Published).
+        if qos == 0 || published_retain || (qos == 1 && self.engine.qos2_subs.load(std::sync::atomic::Ordering::Relaxed) > 0) {
+            wire::mark_published(&mut props, qos, published_retain);
+        }
         self.to_router.push(Packet::Publish(publish, props));
         Ok(())
     }
@@ -1000,7 +1009,7 @@ impl Session {
             }
         }
         // Sent at QoS 1 for a router QoS 2 flow: the PUBACK completes it towards the router.
-        let kind = if matches!(kind, AckKind::PubAck) && self.downgraded.remove(&pkid) {
+        let kind = if matches!(kind, AckKind::PubAck) && !self.downgraded.is_empty() && self.downgraded.remove(&pkid) {
             self.swallow_pubrel.insert(pkid);
             AckKind::PubRec
         } else {
@@ -1100,7 +1109,7 @@ impl Session {
                 routed.push(f);
             }
         }
-        self.max_sub_qos = self.subs.values().copied().max().unwrap_or(0);
+        self.sub_qos_changed();
         self.sync_session();
         // The hook's writes are queued now, before anything this client sends next (an
         // UNSUBSCRIBE in the same read must not overtake them); only the reads run apart.
@@ -1166,6 +1175,20 @@ impl Session {
         self.to_router.push(Packet::Subscribe(sub, props));
     }
 
+    /// After this client's subscriptions changed: its highest QoS, and its QoS 2 subscriptions
+    /// in the engine's count (publishers at QoS 1 mark their QoS while there are any).
+    fn sub_qos_changed(&mut self) {
+        self.max_sub_qos = self.subs.values().copied().max().unwrap_or(0);
+        let q2 = self.subs.values().filter(|q| **q == 2).count();
+        let c = &self.engine.qos2_subs;
+        if q2 > self.qos2_counted {
+            c.fetch_add(q2 - self.qos2_counted, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            c.fetch_sub(self.qos2_counted - q2, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.qos2_counted = q2;
+    }
+
     /// Records the options of a subscription (replacing earlier ones of the same filter).
     fn set_opts(&mut self, filter: &Arc<str>, o: SubOpts) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -1221,7 +1244,7 @@ impl Session {
             }
             self.fire_unsubscribed(f.as_str().into());
         }
-        self.max_sub_qos = self.subs.values().copied().max().unwrap_or(0);
+        self.sub_qos_changed();
         self.sync_session();
         if !self.codec.is_v5() {
             reasons.clear();
@@ -1736,6 +1759,10 @@ impl Session {
         self.engine
             .option_subs
             .fetch_sub(self.opts.len(), std::sync::atomic::Ordering::Relaxed);
+        self.engine
+            .qos2_subs
+            .fetch_sub(self.qos2_counted, std::sync::atomic::Ordering::Relaxed);
+        self.qos2_counted = 0;
         let mut delayed = None;
         // A will goes where its client may publish, no further.
         let allowed = |w: &rumqttd::protocol::LastWill| {

@@ -53,6 +53,9 @@ pub struct Engine {
     /// Published, identifiers): while there are any, every publish carries its sender, QoS and
     /// retain flag across the router.
     pub option_subs: AtomicUsize,
+    /// Live QoS 2 subscriptions: while there are any, QoS 1 publishes carry their QoS across
+    /// the router (to go out at QoS 1 to them).
+    pub qos2_subs: AtomicUsize,
     /// Who may subscribe, publish and receive what (`acl.file`); none: everyone, everything.
     authorizer: RwLock<Option<Arc<dyn crate::acl::Authorizer>>>,
     /// Client ids whose router session is being discarded; their next connection waits.
@@ -117,6 +120,7 @@ impl Engine {
             pointer_deletes: Mutex::new(HashMap::new()),
             departed: Mutex::new(HashMap::new()),
             option_subs: AtomicUsize::new(0),
+            qos2_subs: AtomicUsize::new(0),
             authorizer: RwLock::new(None),
             takeovers: Mutex::new(HashMap::new()),
             discarding: Mutex::new(Default::default()),
