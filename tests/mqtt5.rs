@@ -706,3 +706,18 @@ async fn messages_go_out_at_the_lower_of_the_published_and_the_granted_qos() {
         .await;
     assert_eq!(c.publish_in().await.qos, QoS::ExactlyOnce);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_subscribers_at_qos2_still_get_other_clients_qos1_messages() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/nl2", unique("p"));
+    let mut f = filter(&topic, true, false, RetainForwardRule::OnEverySubscribe);
+    f.qos = QoS::ExactlyOnce;
+    let (mut a, _) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    a.subscribe_with(vec![f.clone()], None).await;
+    let (mut bc, _) = V5::connected(b.addr, &unique("b"), Hello::default()).await;
+    bc.subscribe_with(vec![f], None).await;
+    a.publish(&topic, QoS::AtLeastOnce, false, b"from a", None).await;
+    let got = bc.publish_in().await;
+    assert_eq!((&got.payload[..], got.qos), (&b"from a"[..], QoS::AtLeastOnce));
+}

@@ -1109,6 +1109,20 @@ impl Session {
                 routed.push(f);
             }
         }
+        let routed_any = !routed.is_empty();
+        let pkid = sub.pkid;
+        let mut local = Some(local);
+        if routed_any {
+            // To the router at once, before the hooks and reads below: a publish another
+            // client sends right after this SUBSCRIBE must find the subscription there.
+            sub.filters = routed;
+            self.pending_subs.push_back(PendingSub {
+                lookups: None,
+                local: local.take().unwrap_or_default(),
+            });
+            self.to_router.push(Packet::Subscribe(sub, props));
+            let _ = self.flush_router();
+        }
         self.sub_qos_changed();
         self.sync_session();
         // The hook's writes are queued now, before anything this client sends next (an
@@ -1159,20 +1173,21 @@ impl Session {
             });
             Feed { want, pages, asked: false }
         });
-        if routed.is_empty() {
-            // Nothing for the router: the SUBACK is the layer's alone.
-            if sub.pkid != 0 {
-                let codes = local.into_iter().map(|(_, c)| c).collect();
-                self.write_suback(sub.pkid, codes);
+        if routed_any {
+            // The router's SUBACK is read by this task, after this call: the reads are in place.
+            if let Some(p) = self.pending_subs.back_mut() {
+                p.lookups = lookups;
             }
-            // No stored reads either: refused filters have none, and `$` topics are not fetched
-            // for `$` filters (dropping the feed ends its task).
-            drop(lookups);
             return;
         }
-        sub.filters = routed;
-        self.pending_subs.push_back(PendingSub { lookups, local });
-        self.to_router.push(Packet::Subscribe(sub, props));
+        // Nothing for the router: the SUBACK is the layer's alone.
+        if pkid != 0 {
+            let codes = local.unwrap_or_default().into_iter().map(|(_, c)| c).collect();
+            self.write_suback(pkid, codes);
+        }
+        // No stored reads either: refused filters have none, and `$` topics are not fetched for
+        // `$` filters (dropping the feed ends its task).
+        drop(lookups);
     }
 
     /// After this client's subscriptions changed: its highest QoS, and its QoS 2 subscriptions
