@@ -344,9 +344,12 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         u32::MAX
     };
     let shared_id: Arc<str> = clientid.as_str().into();
-    // A session that expired a moment ago may still be on its way out of the router.
-    for _ in 0..500 {
-        if !engine.is_discarding(&clientid) {
+    // This connection cancels a pending session end of the client id; one already under way
+    // (the router link being taken over) is waited for, so it cannot take this one over.
+    let mut arrival = 0;
+    for _ in 0..1000 {
+        if let Some(n) = engine.arrive(&clientid) {
+            arrival = n;
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -620,7 +623,20 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     }
     let _ = writer.shutdown().await;
     let will = s.close(link_open).await;
+    // A kept router session that ends with the connection (MQTT 5 expiry 0, Clean Start 0)
+    // ends now, before the client id is free again: a reconnect waits for it.
+    let ends_now =
+        arrival > 0 && will.is_none() && s.expiry == 0 && !clean && s.reason != "takenover" && engine.begin_discard(&clientid, arrival);
     engine.unregister(&clientid, conn_id);
+    if ends_now {
+        if let Some(done) = s.d.discard_pointers(&s.client.clientid) {
+            engine.pointer_delete_queued(&s.client.clientid, &Arc::from(""), done);
+        }
+        let eng = engine.clone();
+        let (cid, rid) = (clientid.clone(), wire::router_client_id(&clientid));
+        let _ = tokio::task::spawn_blocking(move || eng.discard_session(&cid, &rid)).await;
+    }
+    engine.leave(&clientid, arrival);
     if s.reason == "protocol_error" {
         // The client may still be writing when the broker ends the connection (an MQTT 5
         // DISCONNECT with a reason is on its way): read on until it closes, briefly, so that it
@@ -632,7 +648,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     // What outlives the connection: its session until it expires (for ever: nothing to do),
     // a delayed will. A session that ends with the connection ends now, unless the router
     // forgets it by itself (a clean link).
-    let lingering = will.is_some() || (s.expiry != u32::MAX && !(s.expiry == 0 && clean));
+    let lingering = will.is_some() || (s.expiry != u32::MAX && s.expiry > 0);
     if lingering && s.reason != "takenover" && engine.depart(&s.client.clientid, conn_id) {
         tokio::spawn(departure(
             engine.clone(),

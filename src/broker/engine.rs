@@ -58,6 +58,9 @@ pub struct Engine {
     pub qos2_subs: AtomicUsize,
     /// Who may subscribe, publish and receive what (`acl.file`); none: everyone, everything.
     authorizer: RwLock<Option<Arc<dyn crate::acl::Authorizer>>>,
+    /// Per client id, the count of connections that arrived ([`Engine::arrive`]): a session end
+    /// decided by a connection is void once a later one arrived.
+    arrivals: Mutex<HashMap<Arc<str>, u64>>,
     /// Client ids whose router session is being discarded; their next connection waits.
     discarding: Mutex<std::collections::HashSet<Arc<str>>>,
 }
@@ -124,6 +127,7 @@ impl Engine {
             authorizer: RwLock::new(None),
             takeovers: Mutex::new(HashMap::new()),
             discarding: Mutex::new(Default::default()),
+            arrivals: Mutex::new(HashMap::new()),
         });
         engine.start_internal_link();
         Ok(engine)
@@ -253,9 +257,41 @@ impl Engine {
         }
     }
 
-    /// True while `clientid`'s ended session is being discarded.
-    pub fn is_discarding(&self, clientid: &str) -> bool {
-        self.discarding.lock().contains(clientid)
+    /// A connection of `clientid` is about to open its link: a pending session end is
+    /// cancelled. False while one is under way (the caller waits and asks again).
+    pub fn arrive(&self, clientid: &str) -> Option<u64> {
+        let mut departed = self.departed.lock();
+        if self.discarding.lock().contains(clientid) {
+            return None;
+        }
+        departed.remove(clientid);
+        let mut arrivals = self.arrivals.lock();
+        let n = arrivals.entry(clientid.into()).or_insert(0);
+        *n += 1;
+        Some(*n)
+    }
+
+    /// Connection `id`, still registered, ends its session now: unless another connection of
+    /// the client is live, the client id is marked as being discarded (see [`arrive`]).
+    ///
+    /// [`arrive`]: Self::arrive
+    pub fn begin_discard(&self, clientid: &str, arrival: u64) -> bool {
+        let _departed = self.departed.lock();
+        let mut arrivals = self.arrivals.lock();
+        if arrivals.get(clientid) != Some(&arrival) {
+            return false;
+        }
+        arrivals.remove(clientid);
+        self.discarding.lock().insert(clientid.into());
+        true
+    }
+
+    /// The connection of arrival `arrival` is gone; forgets the count if no later one came.
+    pub fn leave(&self, clientid: &str, arrival: u64) {
+        let mut arrivals = self.arrivals.lock();
+        if arrivals.get(clientid) == Some(&arrival) {
+            arrivals.remove(clientid);
+        }
     }
 
     /// A new connection of `clientid` is about to take over any live one.
