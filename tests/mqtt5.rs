@@ -47,10 +47,7 @@ async fn connack_states_what_the_broker_supports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_client_id_gets_an_assigned_one_even_without_clean_start() {
     let (_kit, b) = broker().await;
-    let hello = Hello {
-        clean_start: false,
-        ..Hello::session(60)
-    };
+    let hello = Hello::resume(60);
     let (_c, ack) = V5::connected(b.addr, "", hello).await;
     let id = ack
         .properties
@@ -134,10 +131,7 @@ async fn a_session_lives_for_its_expiry_interval_and_no_longer() {
     let (_kit, b) = broker().await;
     let topic = format!("{}/q", unique("p"));
     let id = unique("sess");
-    let resume = Hello {
-        clean_start: false,
-        ..Hello::session(2)
-    };
+    let resume = Hello::resume(2);
     let (mut c, ack) = V5::connected(b.addr, &id, Hello::session(2)).await;
     assert!(!ack.session_present);
     c.subscribe(&topic, QoS::AtLeastOnce).await;
@@ -167,29 +161,13 @@ async fn session_expiry_zero_ends_the_session_with_the_connection() {
     c.subscribe(&format!("{}/x", unique("p")), QoS::AtLeastOnce).await;
     c.disconnect(DisconnectReasonCode::NormalDisconnection).await;
     // Resumed, but with expiry 0 this time: it ends when this connection does.
-    let (c, ack) = V5::connected(
-        b.addr,
-        &id,
-        Hello {
-            clean_start: false,
-            ..Hello::session(0)
-        },
-    )
-    .await;
+    let (c, ack) = V5::connected(b.addr, &id, Hello::resume(0)).await;
     assert!(ack.session_present);
     c.disconnect(DisconnectReasonCode::NormalDisconnection).await;
     let ack = eventually("the session to end", WAIT, || {
         let id = id.clone();
         async move {
-            let (c, ack) = V5::connected(
-                b.addr,
-                &id,
-                Hello {
-                    clean_start: false,
-                    ..Hello::session(0)
-                },
-            )
-            .await;
+            let (c, ack) = V5::connected(b.addr, &id, Hello::resume(0)).await;
             c.disconnect(DisconnectReasonCode::NormalDisconnection).await;
             (!ack.session_present).then_some(ack)
         }
@@ -208,15 +186,7 @@ async fn clean_start_with_an_expiry_starts_a_new_session_that_outlives_the_conne
     let (c, ack) = V5::connected(b.addr, &id, Hello::session(60)).await;
     assert!(!ack.session_present, "clean start discards the old session");
     c.disconnect(DisconnectReasonCode::NormalDisconnection).await;
-    let (_c, ack) = V5::connected(
-        b.addr,
-        &id,
-        Hello {
-            clean_start: false,
-            ..Hello::session(60)
-        },
-    )
-    .await;
+    let (_c, ack) = V5::connected(b.addr, &id, Hello::resume(60)).await;
     assert!(ack.session_present, "the new session was kept");
 }
 

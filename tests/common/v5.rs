@@ -47,6 +47,15 @@ impl Hello {
         h.props.session_expiry_interval = Some(expiry);
         h
     }
+
+    /// Clean Start 0: resume the client's session, keeping it `expiry` seconds after this
+    /// connection.
+    pub fn resume(expiry: u32) -> Self {
+        Hello {
+            clean_start: false,
+            ..Hello::session(expiry)
+        }
+    }
 }
 
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -946,10 +946,7 @@ pub async fn mqtt5_properties_and_expiry_survive_storage<K: Kit>() {
         content_type: Some("text/plain".into()),
     };
     let id = unique("dev");
-    let persistent = || Hello {
-        clean_start: false,
-        ..Hello::session(u32::MAX)
-    };
+    let persistent = || Hello::resume(u32::MAX);
     let (mut s, _) = V5::connected(broker.addr, &id, persistent()).await;
     s.subscribe(&filter, QoS::AtLeastOnce).await;
     eventually("the read pointer", WAIT, || async { kit.pointer(&id, &filter).await }).await;
