@@ -316,18 +316,19 @@ async fn client_ids_with_mqtt_special_characters_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_will_is_published_on_abnormal_close_but_not_after_disconnect() {
-    let (_kit, b) = broker().await;
+    let (kit, b) = broker().await;
     let topic = format!("{}/will", unique("p"));
     let mut s = connect(b.addr, &unique("s"), true).await;
     s.subscribe(&topic, QoS::AtLeastOnce).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let will = LastWill {
+    let will = |m: &str| LastWill {
         topic: topic.clone().into(),
-        message: "gone".into(),
+        message: m.to_string().into(),
         qos: rumqttd::protocol::QoS::AtLeastOnce,
         retain: false,
     };
-    let clean = raw_connect(b.addr, &unique("w1"), 30, Some(will.clone())).await;
+    let clean_id = unique("w1");
+    let clean = raw_connect(b.addr, &clean_id, 30, Some(will("after disconnect"))).await;
     let mut d = BytesMut::new();
     V4.write(
         Packet::Disconnect(
@@ -342,11 +343,16 @@ async fn the_will_is_published_on_abnormal_close_but_not_after_disconnect() {
     let mut clean = clean;
     clean.write_all(&d).await.unwrap();
     drop(clean);
-    s.expect_none(Duration::from_millis(500)).await;
-    let dirty = raw_connect(b.addr, &unique("w2"), 30, Some(will)).await;
+    // Its disconnect is stored after its will was decided: then the other client's will must
+    // be the first to arrive.
+    eventually("the first client offline", WAIT, || async {
+        kit.client_state(&clean_id).await.filter(|s| *s == 0)
+    })
+    .await;
+    let dirty = raw_connect(b.addr, &unique("w2"), 30, Some(will("gone"))).await;
     drop(dirty);
     let got = s.expect(1, WAIT).await;
-    assert_eq!(&got[0].payload[..], b"gone");
+    assert_eq!(&got[0].payload[..], b"gone", "no will after a DISCONNECT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,6 +437,8 @@ async fn stored_messages_reach_a_qos2_subscriber() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let b = b.restart();
     let mut a = connect(b.addr, &id, false).await;
-    a.subscribe(&format!("{base}/#"), QoS::ExactlyOnce).await;
-    a.expect_none(Duration::from_secs(1)).await;
+    a.subscribe_acked(&format!("{base}/#"), QoS::ExactlyOnce).await;
+    let p = connect(b.addr, &unique("pub"), true).await;
+    p.publish(&format!("{base}/marker"), QoS::AtLeastOnce, false, "marker").await;
+    assert_eq!(&a.next(WAIT).await.payload[..], b"marker", "nothing fetched again");
 }

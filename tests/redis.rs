@@ -43,10 +43,31 @@ async fn the_control_channel_subscribes_a_live_client() {
     assert!(broker.log().contains("ignoring a bad control message"), "{}", broker.log());
     let unsub = format!(r#"{{"type":"unsubscribe","topic":"{topic}","clientid":"{id}"}}"#);
     let _: i64 = kit.cmd(redis::cmd("PUBLISH").arg(&channel).arg(unsub)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    while c.rx.try_recv().is_ok() {}
-    p.publish(&topic, QoS::AtLeastOnce, false, "stop").await;
-    c.expect_none(Duration::from_millis(800)).await;
+    // The unsubscribe is asynchronous too: once a round's marker (on a topic the client
+    // subscribed itself) arrives with nothing on the unsubscribed topic before it, it took
+    // effect; later rounds must stay that way.
+    let marker = format!("{topic}-marker");
+    c.subscribe_acked(&marker, QoS::AtLeastOnce).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut quiet = 0;
+    while quiet < 3 {
+        p.publish(&topic, QoS::AtLeastOnce, false, "stop").await;
+        p.publish(&marker, QoS::AtLeastOnce, false, "marker").await;
+        let mut stray = false;
+        loop {
+            let m = c.next(WAIT).await;
+            if m.topic == marker {
+                break;
+            }
+            stray = true;
+        }
+        if stray {
+            assert_eq!(quiet, 0, "a message after the unsubscribe had taken effect");
+            assert!(std::time::Instant::now() < deadline, "the control unsubscribe never took effect");
+        } else {
+            quiet += 1;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

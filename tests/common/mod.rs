@@ -317,13 +317,6 @@ impl Client {
         }
     }
 
-    /// Nothing arrives within `wait`.
-    pub async fn expect_none(&mut self, wait: Duration) {
-        if let Ok(Some(p)) = tokio::time::timeout(wait, self.rx.recv()).await {
-            panic!("expected no publish, got {} {:?}", p.topic, p.payload);
-        }
-    }
-
     pub async fn disconnect(self) {
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
