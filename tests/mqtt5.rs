@@ -246,16 +246,14 @@ async fn more_unacked_publishes_than_the_brokers_receive_maximum_is_a_disconnect
     assert_eq!(ack.properties.unwrap().receive_max, Some(3));
     for i in 1..=4u16 {
         // QoS 2 without PUBREL: each stays in flight.
-        let p = Publish {
-            dup: false,
-            qos: QoS::ExactlyOnce,
-            retain: false,
-            topic: format!("{}/x", unique("p")).into(),
-            pkid: i,
-            payload: "x".into(),
-            properties: None,
-        };
-        c.send(Packet::Publish(p)).await;
+        c.send(Packet::Publish(publish(
+            &format!("{}/x", unique("p")),
+            QoS::ExactlyOnce,
+            i,
+            b"x",
+            None,
+        )))
+        .await;
     }
     loop {
         match c.recv_within(WAIT).await {
@@ -291,16 +289,8 @@ async fn client_topic_aliases_resolve_and_a_bad_one_is_a_disconnect() {
         assert_eq!(&p.payload[..], want.as_bytes());
         s.puback(p.pkid).await;
     }
-    c.send(Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtMostOnce,
-        retain: false,
-        topic: topic.clone().into(),
-        pkid: 0,
-        payload: "zero".into(),
-        properties: alias(0),
-    }))
-    .await;
+    c.send(Packet::Publish(publish(&topic, QoS::AtMostOnce, 0, b"zero", alias(0))))
+        .await;
     match c
         .recv_within(WAIT)
         .await
@@ -311,16 +301,7 @@ async fn client_topic_aliases_resolve_and_a_bad_one_is_a_disconnect() {
     }
     // Aliases belong to one connection.
     let (mut c, _) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
-    c.send(Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtMostOnce,
-        retain: false,
-        topic: "".into(),
-        pkid: 0,
-        payload: "unknown".into(),
-        properties: alias(1),
-    }))
-    .await;
+    c.send(Packet::Publish(publish("", QoS::AtMostOnce, 0, b"unknown", alias(1)))).await;
     match c.recv().await {
         Packet::Disconnect(d) => assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError),
         other => panic!("expected DISCONNECT 0x82, got {other:?}"),
@@ -386,16 +367,9 @@ async fn stored_messages_respect_the_receive_maximum() {
     c.disconnect(DisconnectReasonCode::NormalDisconnection).await;
     let (mut p, _) = V5::connected(b.addr, &unique("pub"), Hello::default()).await;
     for i in 0..5000u32 {
-        p.send(Packet::Publish(Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: topic.clone().into(),
-            pkid: (i % 60_000 + 1) as u16,
-            payload: i.to_be_bytes().to_vec().into(),
-            properties: None,
-        }))
-        .await;
+        let pkid = (i % 60_000 + 1) as u16;
+        p.send(Packet::Publish(publish(&topic, QoS::AtLeastOnce, pkid, &i.to_be_bytes(), None)))
+            .await;
         if i % 500 == 499 {
             // Drain the acks now and then so the publisher's own window stays small.
             while let Some(Packet::PubAck(a)) = p.recv_within(WAIT).await {

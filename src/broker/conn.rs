@@ -137,9 +137,9 @@ struct Held {
 enum Sent {
     Now,
     Later,
-    /// Larger than the client's Maximum Packet Size: dropped, handled as if delivered
-    /// (MQTT-3.1.2-25).
-    TooLarge,
+    /// Not sent, handled as if delivered: larger than the client's Maximum Packet Size
+    /// (MQTT-3.1.2-25), or not for this client (No Local, ACL, a copy already delivered).
+    Dropped,
 }
 
 /// A PUBACK/PUBREC held until storage committed (no-loss mode).
@@ -1424,33 +1424,28 @@ impl Session {
         let duplicate = meta.as_ref().is_some_and(|m| self.recent_injected.contains(&m.msgid));
         let topic = f.publish.topic.clone();
         let payload = f.publish.payload.clone();
+        let downgrade = published.filter(|(q, _)| *q < self.max_sub_qos);
+        // The router's QoS and packet id, wanted only off the plain path.
+        let (rq, rpkid) = if skip || duplicate || downgrade.is_some() {
+            self.qos_pkid(&f.publish)
+        } else {
+            (0, 0)
+        };
         let (qos, pkid, sent) = if skip {
-            // Not for this client after all (No Local, or a copy already delivered).
-            let start = self.wbuf.len();
-            self.write(Packet::Publish(f.publish.clone(), None));
-            let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
-            self.wbuf.truncate(start);
-            (qos, pkid, Some(Sent::TooLarge))
+            // Not for this client after all (No Local, ACL, or a copy already delivered).
+            (rq, rpkid, Some(Sent::Dropped))
         } else if duplicate {
-            // Only its QoS and packet id are wanted.
-            let start = self.wbuf.len();
-            self.write(Packet::Publish(f.publish.clone(), None));
-            let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
-            self.wbuf.truncate(start);
+            let (qos, pkid) = (rq, rpkid);
             if qos == 2 {
                 let (qos, pkid, sent) = self.send_publish(f.publish, f.properties, false);
                 (qos, pkid, Some(sent))
             } else {
                 (qos, pkid, None)
             }
-        } else if published.is_some_and(|(q, _)| q < self.max_sub_qos) {
+        } else if let Some((pq, _)) = downgrade {
             // Maybe published below the subscription's QoS: delivered at the published one
             // (MQTT-3.8.4-8), the router's flow completed here.
-            let (pq, _) = published.unwrap_or_default();
-            let start = self.wbuf.len();
-            self.write(Packet::Publish(f.publish.clone(), None));
-            let (rq, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
-            self.wbuf.truncate(start);
+            let pkid = rpkid;
             if pq >= rq {
                 let (qos, pkid, sent) = self.send_publish(f.publish, f.properties, false);
                 (qos, pkid, Some(sent))
@@ -1494,7 +1489,7 @@ impl Session {
             if let (Some(m), Some(slot)) = (&meta, self.out_meta.get_mut(pkid as usize)) {
                 *slot = Some((m.clone(), topic.clone()));
             }
-            if sent == Some(Sent::TooLarge) {
+            if sent == Some(Sent::Dropped) {
                 self.dropped_publish(qos, pkid, false);
             }
         }
@@ -1570,14 +1565,21 @@ impl Session {
         false
     }
 
+    /// QoS and packet id of a publish (crate-private in rumqttd, ARCHITECTURE trap 1): read off a
+    /// trial encoding at the end of the write buffer, taken back at once.
+    fn qos_pkid(&mut self, p: &Publish) -> (u8, u16) {
+        let start = self.wbuf.len();
+        self.write(Packet::Publish(p.clone(), None));
+        let out = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
+        self.wbuf.truncate(start);
+        out
+    }
+
     /// Writes a publish to the client, or holds it back while the client's Receive Maximum is
     /// reached (QoS 0 is never held). Returns its QoS and packet id as encoded.
     fn send_publish(&mut self, publish: Publish, props: Option<PublishProperties>, injected: bool) -> (u8, u16, Sent) {
         if !self.out.may_send() || !self.deferred.is_empty() {
-            let start = self.wbuf.len();
-            self.write(Packet::Publish(publish.clone(), None));
-            let (qos, pkid) = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
-            self.wbuf.truncate(start);
+            let (qos, pkid) = self.qos_pkid(&publish);
             if qos > 0 {
                 self.deferred.push_back(Held {
                     publish,
@@ -1612,7 +1614,7 @@ impl Session {
             if let Aliased::New(n) = alias {
                 self.out.unalias(n);
             }
-            return (qos, pkid, Sent::TooLarge);
+            return (qos, pkid, Sent::Dropped);
         }
         if qos > 0 {
             self.out.sent();
@@ -1620,7 +1622,7 @@ impl Session {
         (qos, pkid, Sent::Now)
     }
 
-    /// A QoS 1/2 publish the client cannot take (too large) counts as delivered.
+    /// A QoS 1/2 publish not sent to the client ([`Sent::Dropped`]) counts as delivered.
     fn dropped_publish(&mut self, qos: u8, pkid: u16, injected: bool) {
         if injected {
             if let Some(inj) = self.injected.remove(&pkid) {
@@ -1640,7 +1642,7 @@ impl Session {
         while self.out.may_send() {
             let Some(h) = self.deferred.pop_front() else { break };
             let (_, _, sent) = self.emit(h.publish, h.props);
-            if sent == Sent::TooLarge {
+            if sent == Sent::Dropped {
                 self.dropped_publish(h.qos, h.pkid, h.injected);
             }
         }
@@ -1724,7 +1726,7 @@ impl Session {
                         topic: topic.clone(),
                     },
                 );
-                if sent == Sent::TooLarge {
+                if sent == Sent::Dropped {
                     self.dropped_publish(qos, pkid, true);
                 }
             }

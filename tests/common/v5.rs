@@ -161,15 +161,8 @@ impl V5 {
         props: Option<PublishProperties>,
     ) -> Option<PubAck> {
         let pkid = if qos == QoS::AtMostOnce { 0 } else { self.pkid() };
-        let p = Publish {
-            dup: false,
-            qos,
-            retain,
-            topic: Bytes::copy_from_slice(topic.as_bytes()),
-            pkid,
-            payload: Bytes::copy_from_slice(payload),
-            properties: props,
-        };
+        let mut p = publish(topic, qos, pkid, payload, props);
+        p.retain = retain;
         self.send(Packet::Publish(p)).await;
         if qos != QoS::AtLeastOnce {
             return None;
@@ -194,6 +187,19 @@ impl V5 {
         }))
         .await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// A PUBLISH as a client sends it (retain 0 unless set on the result).
+pub fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8], props: Option<PublishProperties>) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: Bytes::copy_from_slice(topic.as_bytes()),
+        pkid,
+        payload: Bytes::copy_from_slice(payload),
+        properties: props,
     }
 }
 
