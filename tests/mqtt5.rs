@@ -518,7 +518,7 @@ async fn overlapping_subscriptions_with_identifiers_get_one_copy_with_every_iden
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_filters_are_refused_per_filter_and_dollar_filters_are_granted() {
+async fn bad_filters_are_refused_per_filter_and_dollar_and_shared_filters_are_granted() {
     let (_kit, b) = broker().await;
     let good = format!("{}/ok", unique("p"));
     let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
@@ -539,7 +539,7 @@ async fn bad_filters_are_refused_per_filter_and_dollar_filters_are_granted() {
             SubscribeReasonCode::TopicFilterInvalid,
             SubscribeReasonCode::Success(QoS::AtLeastOnce),
             SubscribeReasonCode::Success(QoS::AtMostOnce),
-            SubscribeReasonCode::SharedSubscriptionsNotSupported,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
         ]
     );
     // Still connected, and the good filter works.
@@ -664,4 +664,150 @@ async fn no_local_subscribers_at_qos2_still_get_other_clients_qos1_messages() {
     a.publish(&topic, QoS::AtLeastOnce, false, b"from a", None).await;
     let got = bc.publish_in().await;
     assert_eq!((&got.payload[..], got.qos), (&b"from a"[..], QoS::AtLeastOnce));
+}
+
+/// Collects PUBLISHes from `members` (acking QoS 1 ones) until `n` arrived in all.
+async fn collect_shared(members: &mut [&mut V5], n: usize) -> Vec<Vec<String>> {
+    let mut got = vec![Vec::new(); members.len()];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.iter().map(Vec::len).sum::<usize>() < n {
+        assert!(Instant::now() < deadline, "only {got:?} of {n} shared messages arrived");
+        for (i, m) in members.iter_mut().enumerate() {
+            if let Ok(Some(Packet::Publish(p))) = tokio::time::timeout(Duration::from_millis(50), m.recv_within(WAIT)).await {
+                if p.qos == QoS::AtLeastOnce {
+                    m.puback(p.pkid).await;
+                }
+                got[i].push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gives_each_message_to_one_member_in_turn() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/x", unique("share"));
+    let shared = format!("$share/g/{topic}");
+    let (mut a, ack) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    assert_eq!(ack.properties.and_then(|p| p.shared_subscription_available), Some(1));
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    let (mut plain, _) = V5::connected(b.addr, &unique("plain"), Hello::default()).await;
+    // Granted at most QoS 1.
+    assert_eq!(
+        a.subscribe(&shared, QoS::ExactlyOnce).await.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        "{}",
+        b.log()
+    );
+    assert_eq!(
+        c.subscribe(&shared, QoS::AtLeastOnce).await.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    plain.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("p"), Hello::default()).await;
+    for i in 0..10 {
+        p.publish(&topic, QoS::AtLeastOnce, false, format!("m{i}").as_bytes(), None).await;
+    }
+    let got = collect_shared(&mut [&mut a, &mut c], 10).await;
+    let mut all: Vec<&String> = got.iter().flatten().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 10, "each message once to the group: {got:?}");
+    assert_eq!((got[0].len(), got[1].len()), (5, 5), "in turn: {got:?}");
+    for i in 0..10 {
+        assert_eq!(
+            plain.publish_in().await.payload,
+            format!("m{i}").as_bytes(),
+            "a plain subscriber gets every one"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_message_a_member_left_unacked_goes_to_another_member() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/x", unique("share"));
+    let shared = format!("$share/g/{topic}");
+    let (mut a, _) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    a.subscribe(&shared, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("p"), Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"first", None).await;
+    // The only member gets it and never acks; then a second member joins and the first goes.
+    assert_eq!(&a.publish_in().await.payload[..], b"first");
+    let (mut c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    c.subscribe(&shared, QoS::AtLeastOnce).await;
+    drop(a);
+    let again = c.publish_in().await;
+    assert_eq!(&again.payload[..], b"first", "redelivered to the member still there");
+    c.puback(again.pkid).await;
+    // And the group goes on with the one member.
+    p.publish(&topic, QoS::AtLeastOnce, false, b"second", None).await;
+    assert_eq!(&c.publish_in().await.payload[..], b"second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_messages_wait_for_an_offline_persistent_member() {
+    let (_kit, b) = broker().await;
+    let topic = format!("{}/x", unique("share"));
+    let shared = format!("$share/g/{topic}");
+    let id = unique("a");
+    let (mut a, _) = V5::connected(b.addr, &id, Hello::session(60)).await;
+    a.subscribe(&shared, QoS::AtLeastOnce).await;
+    drop(a);
+    let (mut p, _) = V5::connected(b.addr, &unique("p"), Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"while away", None).await;
+    p.publish(&topic, QoS::AtMostOnce, false, b"qos0 while away", None).await;
+    // The session kept the membership: back, the member gets the QoS 1 message.
+    let (mut a, ack) = V5::connected(b.addr, &id, Hello::resume(60)).await;
+    assert!(ack.session_present);
+    assert_eq!(&a.publish_in().await.payload[..], b"while away");
+    // A clean start ends the membership; the group ends with its last session.
+    let (mut a, _) = V5::connected(b.addr, &id, Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"after", None).await;
+    // (had the old membership lived on, this subscription would take over what it kept)
+    a.subscribe(&shared, QoS::AtLeastOnce).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"marker", None).await;
+    assert_eq!(
+        &a.publish_in().await.payload[..],
+        b"marker",
+        "nothing of the old membership arrived first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_refuse_bad_filters_and_no_local() {
+    let (_kit, b) = broker().await;
+    let (mut a, _) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    let codes = a
+        .subscribe_with(
+            vec![
+                Filter::new("$share/g", QoS::AtLeastOnce),
+                Filter::new("$share/g+/t", QoS::AtLeastOnce),
+                Filter::new("$share/g/t", QoS::AtMostOnce),
+            ],
+            None,
+        )
+        .await
+        .return_codes;
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::TopicFilterInvalid,
+            SubscribeReasonCode::TopicFilterInvalid,
+            SubscribeReasonCode::Success(QoS::AtMostOnce)
+        ]
+    );
+    // MQTT-3.8.3-4: No Local on a shared subscription is a Protocol Error.
+    let pkid = a.pkid();
+    a.send(Packet::Subscribe(Subscribe {
+        pkid,
+        filters: vec![filter("$share/g/t", true, false, RetainForwardRule::OnEverySubscribe)],
+        properties: None,
+    }))
+    .await;
+    match a.recv_within(WAIT).await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError),
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
 }

@@ -8,7 +8,8 @@
 
 use super::engine::Engine;
 use super::flow::{AliasError, Aliased, Deferred, InAliases, Inbound, Outbound, SubOpts};
-use super::wire::{self, Codec};
+use super::share::{self, Delivery, GroupRef, Member};
+use super::wire::{self, encode_meta, strip_meta, take_meta, Codec, Meta, META_KEY};
 use crate::acl::{Access, ClientAcl};
 use crate::hooks::Dispatcher;
 use crate::model::Control;
@@ -19,7 +20,7 @@ use futures::FutureExt;
 use rumqttd::local::LinkTx;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet, PingResp, PubAck, PubAckReason,
-    PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, RetainForwardRule, Subscribe,
+    PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, Subscribe,
     SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::{Forward, Notification};
@@ -31,9 +32,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-/// User property carrying `msgid:timestamp:sender` from publisher to subscriber links (the
-/// published QoS and retain flag travel apart, `wire::mark_published`).
-const META_KEY: &str = "mqtt-persist-meta";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Router packet ids are 1..=100; ours for injected messages start above.
 const FIRST_INJECT_PKID: u16 = 101;
@@ -41,6 +39,9 @@ const FIRST_INJECT_PKID: u16 = 101;
 /// unacked: with a page of `backends::PAGE` on top, what one client has in flight is bounded
 /// (and far below the 65 435 packet ids injections can use).
 const INJECT_WINDOW: usize = 256;
+/// Shared subscription deliveries one member may have unacked (less if its Receive Maximum
+/// says so): the rest of the group's messages go to members with room.
+const SHARE_WINDOW: u16 = 32;
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -59,52 +60,6 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) {
     }
 }
 
-/// Per-message data carried across the router.
-#[derive(Debug, Clone)]
-struct Meta {
-    msgid: u64,
-    sender: Arc<str>,
-    timestamp: i64,
-}
-
-fn encode_meta(m: &Message) -> (String, String) {
-    (META_KEY.to_string(), format!("{}:{}:{}", m.msgid, m.timestamp, m.sender))
-}
-
-/// Removes every user property named like the broker's carrier. Applied to each PUBLISH and
-/// will a client sends, before the broker adds its own: a property of that name inside the
-/// router was always set by the broker, so a client can neither forge metadata nor read it.
-fn strip_meta(props: &mut Option<PublishProperties>) {
-    if let Some(p) = props.as_mut() {
-        if p.user_properties.iter().any(|(k, _)| k == META_KEY) {
-            p.user_properties.retain(|(k, _)| k != META_KEY);
-            if *p == PublishProperties::default() {
-                *props = None;
-            }
-        }
-    }
-}
-
-/// The broker's metadata of a routed message, removed from its properties (every copy of the
-/// carrier goes, whatever the parse, so none reaches a subscriber).
-fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
-    let p = props.as_mut()?;
-    let i = p.user_properties.iter().rposition(|(k, _)| k == META_KEY)?;
-    let (_, v) = p.user_properties.remove(i);
-    strip_meta(props);
-    if props.as_ref().is_some_and(|p| *p == PublishProperties::default()) {
-        *props = None;
-    }
-    let mut it = v.splitn(3, ':');
-    let msgid = it.next()?.parse().ok()?;
-    let timestamp = it.next()?.parse().ok()?;
-    Some(Meta {
-        msgid,
-        timestamp,
-        sender: it.next().unwrap_or("").into(),
-    })
-}
-
 enum AckKind {
     PubAck,
     PubRec,
@@ -121,6 +76,8 @@ struct RouterInflight {
 struct Injected {
     msgid: u64,
     topic: Arc<str>,
+    /// A shared subscription's delivery: its group learns of the ack.
+    share: Option<(GroupRef, u64)>,
 }
 
 /// A publish held back by the client's Receive Maximum.
@@ -229,6 +186,12 @@ struct Session {
     /// Msgids delivered once, while overlapping subscriptions with identifiers make the router
     /// send a copy per subscription (one copy goes out, with every identifier).
     delivered_ids: HashSet<u64>,
+    /// This connection's id in the engine (shared subscription groups tell connections apart).
+    conn_id: u64,
+    /// The shared subscriptions this connection is a member of, by their `$share/…` filter.
+    shares: HashMap<Arc<str>, GroupRef>,
+    share_tx: mpsc::UnboundedSender<Delivery>,
+    share_window: usize,
     reason: &'static str,
     closing: bool,
 }
@@ -374,6 +337,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         _ => false,
     };
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let (share_tx, mut share_rx) = mpsc::unbounded_channel();
     let (conn_id, connected_at) = engine.register(&clientid, now_ms(), ctl_tx);
     if clean || expiry == 0 {
         // No session to continue: the read pointers of an earlier one go too, before any
@@ -395,6 +359,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
     });
     let mut opts = HashMap::new();
     let subs = if clean {
+        engine.shares.forget(&clientid);
         engine.sessions.lock().remove(&clientid);
         engine.session_opts.lock().remove(&clientid);
         HashMap::new()
@@ -459,10 +424,34 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         qos2_counted: 0,
         downgraded: HashSet::new(),
         delivered_ids: HashSet::new(),
+        conn_id,
+        shares: HashMap::new(),
+        share_tx,
+        share_window: usize::from(
+            connect_props
+                .as_ref()
+                .and_then(|p| p.receive_maximum)
+                .unwrap_or(u16::MAX)
+                .clamp(1, SHARE_WINDOW),
+        ),
         reason: "normal",
         closing: false,
     };
     s.sub_qos_changed();
+    // A continued session is again a member of its shared subscriptions' groups.
+    let kept: Vec<(Arc<str>, u8)> = s
+        .subs
+        .iter()
+        .filter(|(f, _)| f.starts_with("$share/"))
+        .map(|(f, q)| (f.clone(), *q))
+        .collect();
+    for (f, q) in kept {
+        if let Some(Ok((g, inner))) = share::parse(&f) {
+            if let Err(e) = s.join_share(&f, g, inner, q) {
+                tracing::warn!(clientid = %client.clientid, filter = %f, error = %e, "cannot rejoin a shared subscription");
+            }
+        }
+    }
     let props = codec.is_v5().then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
         receive_max: Some(limits.max_inflight),
@@ -472,7 +461,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         retain_available: Some(1),
         wildcard_subscription_available: Some(1),
         subscription_identifiers_available: Some(1),
-        shared_subscription_available: Some(0),
+        shared_subscription_available: Some(1),
         ..Default::default()
     });
     s.write(Packet::ConnAck(
@@ -532,6 +521,12 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                 }
                 if let Some(k) = keepalive {
                     idle.as_mut().reset(tokio::time::Instant::now() + k);
+                }
+                if rbuf.first().is_some_and(|b| b >> 4 == 3) {
+                    // A PUBLISH: connections woken with this one go first (tokio runs the task
+                    // woken last first), so a SUBSCRIBE another client sent just before it
+                    // reaches the router first, as it would on a one-threaded broker.
+                    tokio::task::yield_now().await;
                 }
                 if let Err(e) = s.read_packets(&mut rbuf).await {
                     s.reason = "protocol_error";
@@ -593,6 +588,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                 if s.closing { break Ok(()); }
             }
             Some(cmd) = ctl_rx.recv() => s.control(cmd),
+            Some(d) = share_rx.recv() => s.shared(d),
             _ = &mut idle => {
                 s.reason = "keepalive_timeout";
                 s.disconnect_v5(DisconnectReasonCode::KeepAliveTimeout);
@@ -777,7 +773,7 @@ impl Session {
             }
             Packet::PubComp(comp, _) => {
                 if let Some(inj) = self.injected.remove(&comp.pkid) {
-                    self.fire_acked(inj.msgid, inj.topic);
+                    self.injected_acked(inj);
                 } else {
                     self.to_router.push(Packet::PubComp(comp, None));
                 }
@@ -1013,7 +1009,7 @@ impl Session {
 
     fn client_ack(&mut self, pkid: u16, kind: AckKind) {
         if let Some(inj) = self.injected.remove(&pkid) {
-            self.fire_acked(inj.msgid, inj.topic);
+            self.injected_acked(inj);
             return;
         }
         if pkid == 0 || pkid as usize >= self.out_meta.len() {
@@ -1061,11 +1057,30 @@ impl Session {
         }
     }
 
+    /// An injected publish is done with: acked by the client, or counted as delivered.
+    fn injected_acked(&self, inj: Injected) {
+        if let Some((g, seq)) = &inj.share {
+            g.acked(*seq, self.conn_id);
+        }
+        self.fire_acked(inj.msgid, inj.topic);
+    }
+
     fn fire_acked(&self, msgid: u64, topic: Arc<str>) {
         if !self.d.has(Hook::MessageAcked) {
             return;
         }
-        let filters: Arc<[Arc<str>]> = self.subs.keys().filter(|f| crate::topic::matches(&topic, f)).cloned().collect();
+        let filters: Arc<[Arc<str>]> = self
+            .subs
+            .keys()
+            .filter(|f| {
+                let inner = match share::parse(f) {
+                    Some(Ok((_, inner))) => inner,
+                    _ => f,
+                };
+                crate::topic::matches(&topic, inner)
+            })
+            .cloned()
+            .collect();
         self.d.fire(&Event::Acked {
             client: self.client.clone(),
             msgid,
@@ -1079,19 +1094,32 @@ impl Session {
         let limits = self.engine.conf.mqtt;
         let id = props.as_ref().and_then(|p| p.id).filter(|_| v5);
         let mut new = Vec::new();
+        let mut shared_new = Vec::new();
         let mut local = Vec::new();
         let mut routed = Vec::with_capacity(sub.filters.len());
         for (i, f) in std::mem::take(&mut sub.filters).into_iter().enumerate() {
             let path = f.path.as_str();
-            let refused = if !crate::topic::valid_filter(path)
+            let shared = share::parse(path);
+            // A shared subscription's topic rules apply to its filter part.
+            let inner = match shared {
+                Some(Ok((_, inner))) => inner,
+                _ => path,
+            };
+            if shared.is_some() && f.nolocal && v5 {
+                // MQTT-3.8.3-4: No Local on a shared subscription is a Protocol Error.
+                self.reason = "protocol_error";
+                self.disconnect_v5(DisconnectReasonCode::ProtocolError);
+                self.closing = true;
+                return;
+            }
+            let refused = if shared == Some(Err(()))
+                || !crate::topic::valid_filter(path)
                 || path.len() > limits.max_topic_length
                 || path.split('/').count() > limits.max_topic_levels
             {
                 Some(SubscribeReasonCode::TopicFilterInvalid)
-            } else if self.acl.as_ref().is_some_and(|a| !a.allows(Access::Read, path, true)) {
+            } else if self.acl.as_ref().is_some_and(|a| !a.allows(Access::Read, inner, true)) {
                 Some(SubscribeReasonCode::NotAuthorized)
-            } else if path.starts_with("$share/") {
-                Some(SubscribeReasonCode::SharedSubscriptionsNotSupported)
             } else if limits.max_subscriptions > 0 && !self.subs.contains_key(path) && self.subs.len() >= limits.max_subscriptions {
                 Some(SubscribeReasonCode::QuotaExceeded)
             } else {
@@ -1103,6 +1131,24 @@ impl Session {
             }
             let q = f.qos as u8;
             let filter: Arc<str> = path.into();
+            if let Some(Ok((group, inner))) = shared {
+                // Granted at most QoS 1 (the group's own subscription); no retained messages
+                // and no stored fetch for a shared subscription (MQTT 4.8.2).
+                let q = q.min(1);
+                let code = match self.join_share(&filter, group, inner, q) {
+                    Ok(()) => {
+                        self.subs.insert(filter.clone(), q);
+                        shared_new.push((filter, q));
+                        SubscribeReasonCode::Success(if q == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+                    }
+                    Err(e) => {
+                        tracing::warn!(clientid = %self.client.clientid, %filter, error = %e, "cannot join a shared subscription");
+                        SubscribeReasonCode::Unspecified
+                    }
+                };
+                local.push((i, if v5 { code } else { v4_code(code) }));
+                continue;
+            }
             let is_new = self.subs.insert(filter.clone(), q).is_none();
             // Retain Handling: 0 = on every subscribe, 1 = only a new one, 2 = never.
             let retained = match f.retain_forward_rule {
@@ -1143,7 +1189,7 @@ impl Session {
         self.sync_session();
         // The hook's writes are queued now, before anything this client sends next (an
         // UNSUBSCRIBE in the same read must not overtake them); only the reads run apart.
-        for (filter, qos, _, _) in &new {
+        for (filter, qos) in shared_new.iter().map(|(f, q)| (f, q)).chain(new.iter().map(|(f, q, _, _)| (f, q))) {
             self.d.fire(&Event::Subscribed {
                 client: self.client.clone(),
                 filter: filter.clone(),
@@ -1262,7 +1308,9 @@ impl Session {
             } else {
                 UnsubAckReason::NoSubscriptionExisted
             });
-            if existed {
+            if let Some(g) = self.shares.remove(f.as_str()) {
+                g.leave(&self.client.clientid, self.conn_id);
+            } else if existed {
                 // One filter per router packet: the router acks each filter separately, and
                 // not at all for unknown ones; we answer the client ourselves.
                 self.to_router.push(Packet::Unsubscribe(
@@ -1565,14 +1613,8 @@ impl Session {
         false
     }
 
-    /// QoS and packet id of a publish (crate-private in rumqttd, ARCHITECTURE trap 1): read off a
-    /// trial encoding at the end of the write buffer, taken back at once.
     fn qos_pkid(&mut self, p: &Publish) -> (u8, u16) {
-        let start = self.wbuf.len();
-        self.write(Packet::Publish(p.clone(), None));
-        let out = wire::peek_publish(&self.wbuf[start..]).unwrap_or((0, 0));
-        self.wbuf.truncate(start);
-        out
+        wire::qos_pkid(p, &mut self.wbuf)
     }
 
     /// Writes a publish to the client, or holds it back while the client's Receive Maximum is
@@ -1626,7 +1668,7 @@ impl Session {
     fn dropped_publish(&mut self, qos: u8, pkid: u16, injected: bool) {
         if injected {
             if let Some(inj) = self.injected.remove(&pkid) {
-                self.fire_acked(inj.msgid, inj.topic);
+                self.injected_acked(inj);
             }
         } else if qos == 2 {
             self.swallow_pubrel.insert(pkid);
@@ -1724,6 +1766,7 @@ impl Session {
                     Injected {
                         msgid: inj.msg.msgid,
                         topic: topic.clone(),
+                        share: None,
                     },
                 );
                 if sent == Sent::Dropped {
@@ -1750,6 +1793,65 @@ impl Session {
                 });
             }
         }
+    }
+
+    /// Joins (or updates this connection's membership of) the group of a shared subscription.
+    fn join_share(&mut self, full: &Arc<str>, group: &str, inner: &str, qos: u8) -> Result<(), String> {
+        let member = Member {
+            clientid: self.client.clientid.clone(),
+            conn: self.conn_id,
+            qos,
+            window: self.share_window,
+            tx: self.share_tx.clone(),
+        };
+        let eng = self.engine.clone();
+        let g = self.engine.shares.join(group, inner, member, |id| eng.link(id, true))?;
+        self.shares.insert(full.clone(), g);
+        Ok(())
+    }
+
+    /// A message a shared subscription's group chose this connection for.
+    fn shared(&mut self, d: Delivery) {
+        if !self.shares.values().any(|g| g.same(&d.group)) {
+            // Unsubscribed since: the group took it back when told.
+            return;
+        }
+        self.engine
+            .metrics
+            .broker
+            .messages_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let denied = self
+            .acl
+            .as_ref()
+            .is_some_and(|a| std::str::from_utf8(&d.topic).is_ok_and(|t| !a.allows(Access::Read, t, false)));
+        let pkid = if denied || d.qos == 0 { None } else { self.alloc_pkid() };
+        let Some(pkid) = pkid else {
+            if !denied {
+                let p = Publish::new(d.topic.clone(), d.payload.clone(), false);
+                let _ = self.send_publish(p, d.props.filter(|_| self.codec.is_v5()), true);
+                self.fire_delivered(d.meta, d.topic, d.payload, 0);
+            }
+            if d.qos > 0 {
+                d.group.acked(d.seq, self.conn_id);
+            }
+            return;
+        };
+        let publish = wire::build_publish(&d.topic, &d.payload, d.qos, false, pkid);
+        let (_, _, sent) = self.send_publish(publish, d.props.filter(|_| self.codec.is_v5()), true);
+        let topic: Arc<str> = String::from_utf8_lossy(&d.topic).into();
+        self.injected.insert(
+            pkid,
+            Injected {
+                msgid: d.meta.as_ref().map_or(0, |m| m.msgid),
+                topic,
+                share: Some((d.group, d.seq)),
+            },
+        );
+        if sent == Sent::Dropped {
+            self.dropped_publish(d.qos, pkid, true);
+        }
+        self.fire_delivered(d.meta, d.topic, d.payload, d.qos);
     }
 
     fn control(&mut self, cmd: Control) {
@@ -1816,6 +1918,15 @@ impl Session {
                 });
             } else {
                 publish_will(&self.engine, &self.d, &self.client, self.meta, will, props).await;
+            }
+        }
+        // Shared subscriptions: what this connection had unacked goes to another member; the
+        // membership stays with a session that outlives the connection.
+        for (_, g) in self.shares.drain() {
+            if self.expiry > 0 {
+                g.offline(self.conn_id);
+            } else {
+                g.leave(&self.client.clientid, self.conn_id);
             }
         }
         if link_open {

@@ -63,6 +63,8 @@ pub struct Engine {
     arrivals: Mutex<HashMap<Arc<str>, u64>>,
     /// Client ids whose router session is being discarded; their next connection waits.
     discarding: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Shared subscription groups (`$share/<group>/<filter>`), owned by the layer.
+    pub shares: super::share::Shares,
 }
 
 /// Closed when a queued pointer delete is done.
@@ -128,6 +130,7 @@ impl Engine {
             takeovers: Mutex::new(HashMap::new()),
             discarding: Mutex::new(Default::default()),
             arrivals: Mutex::new(HashMap::new()),
+            shares: Default::default(),
         });
         engine.start_internal_link();
         Ok(engine)
@@ -237,6 +240,7 @@ impl Engine {
     /// [`still_departed`](Self::still_departed).
     pub fn discard_session(&self, clientid: &str, router_id: &str) {
         self.end_router_session(router_id);
+        self.shares.forget(clientid);
         self.sessions.lock().remove(clientid);
         self.session_opts.lock().remove(clientid);
         self.discarding.lock().remove(clientid);

@@ -3,6 +3,7 @@
 pub mod conn;
 pub mod engine;
 pub mod flow;
+pub mod share;
 pub mod wire;
 
 pub use engine::Engine;

@@ -2,8 +2,10 @@
 //! `Publish.{qos, pkid, dup}` are crate-private, so we read them from raw frames and build
 //! QoS>0 publishes through the public `Publish::deserialize`.
 
+use crate::model::Message;
 use bytes::{BufMut, BytesMut};
-use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol, Publish};
+use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol, Publish, PublishProperties};
+use std::sync::Arc;
 
 /// MQTT 3.1.1 or 5, chosen per connection from the CONNECT protocol level.
 #[derive(Clone)]
@@ -85,6 +87,16 @@ pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
     let tl = u16::from_be_bytes([*buf.get(hl)?, *buf.get(hl + 1)?]) as usize;
     let p = hl + 2 + tl;
     Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
+}
+
+/// QoS and packet id of a publish (crate-private in rumqttd, trap 1): read off a trial
+/// encoding at the end of `buf`, taken back at once.
+pub fn qos_pkid(p: &Publish, buf: &mut BytesMut) -> (u8, u16) {
+    let start = buf.len();
+    let _ = V4.write(Packet::Publish(p.clone(), None), buf);
+    let out = peek_publish(&buf[start..]).unwrap_or((0, 0));
+    buf.truncate(start);
+    out
 }
 
 /// A publish with QoS and packet id set, built through the public serializer format.
@@ -180,6 +192,55 @@ pub fn router_client_id(clientid: &str) -> String {
         }
     }
     out
+}
+
+/// User property carrying `msgid:timestamp:sender` from publisher to subscriber links (the
+/// published QoS and retain flag travel apart, `wire::mark_published`).
+pub const META_KEY: &str = "mqtt-persist-meta";
+/// Per-message data carried across the router.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub msgid: u64,
+    pub sender: Arc<str>,
+    pub timestamp: i64,
+}
+
+pub fn encode_meta(m: &Message) -> (String, String) {
+    (META_KEY.to_string(), format!("{}:{}:{}", m.msgid, m.timestamp, m.sender))
+}
+
+/// Removes every user property named like the broker's carrier. Applied to each PUBLISH and
+/// will a client sends, before the broker adds its own: a property of that name inside the
+/// router was always set by the broker, so a client can neither forge metadata nor read it.
+pub fn strip_meta(props: &mut Option<PublishProperties>) {
+    if let Some(p) = props.as_mut() {
+        if p.user_properties.iter().any(|(k, _)| k == META_KEY) {
+            p.user_properties.retain(|(k, _)| k != META_KEY);
+            if *p == PublishProperties::default() {
+                *props = None;
+            }
+        }
+    }
+}
+
+/// The broker's metadata of a routed message, removed from its properties (every copy of the
+/// carrier goes, whatever the parse, so none reaches a subscriber).
+pub fn take_meta(props: &mut Option<PublishProperties>) -> Option<Meta> {
+    let p = props.as_mut()?;
+    let i = p.user_properties.iter().rposition(|(k, _)| k == META_KEY)?;
+    let (_, v) = p.user_properties.remove(i);
+    strip_meta(props);
+    if props.as_ref().is_some_and(|p| *p == PublishProperties::default()) {
+        *props = None;
+    }
+    let mut it = v.splitn(3, ':');
+    let msgid = it.next()?.parse().ok()?;
+    let timestamp = it.next()?.parse().ok()?;
+    Some(Meta {
+        msgid,
+        timestamp,
+        sender: it.next().unwrap_or("").into(),
+    })
 }
 
 #[cfg(test)]
