@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod matrix;
+mod memory;
 
 const PAYLOAD: usize = 100;
 
@@ -59,7 +60,7 @@ fn main() {
             matrix::matrix().await;
         }
         if all || which.contains(&"memory") {
-            memory().await;
+            memory::memory().await;
         }
     });
 }
@@ -316,7 +317,7 @@ fn rumqttd_broker() -> SocketAddr {
     v4.insert("v4".to_string(), settings);
     let config = rumqttd::Config {
         id: 0,
-        router: mqtt_persist::broker::engine::router_config(),
+        router: mqtt_persist::broker::engine::router_config(&Default::default()),
         v4: Some(v4),
         ..Default::default()
     };
@@ -769,31 +770,6 @@ async fn p99_side_by_side(rate: u64, rounds: usize, plugin: (&str, String), extr
         }
     }
     (median(a), median(b))
-}
-
-fn rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4
-}
-
-/// Per-connection memory and RSS growth under sustained routing.
-async fn memory() {
-    let (_d, ours) = our_broker(None, "").await;
-    let before = rss_kb();
-    let mut conns = Vec::new();
-    for i in 0..2000 {
-        conns.push(Raw::connect(ours.addr, &format!("idle-{i}")).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_conn = (rss_kb() - before) as f64 * 1024.0 / 2000.0;
-    drop(conns);
-    let base = rss_kb();
-    for round in 0..8 {
-        pub_sub(ours.addr, 150_000, 1, &format!("mem{round}")).await;
-    }
-    let grown = rss_kb().saturating_sub(base) as f64 / 1024.0;
-    println!("| memory | idle connection (client and server side in one process): {per_conn:.0} B each | RSS growth after 1.2M routed QoS1 {PAYLOAD} B messages: {grown:.0} MiB | – |");
 }
 
 /// Offline delivery: 10k QoS1 messages stored behind a subscriber's read pointer, delivered on

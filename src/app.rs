@@ -195,7 +195,40 @@ fn lower_this_threads_priority() {
     }
 }
 
+/// Raises this process's open-file limit to its hard limit: each connection is a socket, and
+/// the usual soft limit (1024) would refuse connections long before `mqtt.max_connections`.
+/// Says so when even the hard limit is short of it.
+fn raise_file_limit(max_connections: usize) {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0;
+    if !ok {
+        return;
+    }
+    if l.rlim_cur < l.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: l.rlim_max,
+            rlim_max: l.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            l.rlim_cur = l.rlim_max;
+        }
+    }
+    // Databases, spools and the listener need some files too.
+    let needed = max_connections as u64 + 256;
+    if l.rlim_cur < needed {
+        tracing::warn!(
+            open_files = l.rlim_cur,
+            max_connections,
+            "the open-file limit allows about {} connections, fewer than mqtt.max_connections: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower mqtt.max_connections",
+            l.rlim_cur.saturating_sub(256)
+        );
+    }
+}
+
 pub async fn start(conf: &Config) -> Result<Broker, String> {
+    raise_file_limit(conf.broker.mqtt.max_connections);
     let registry = Arc::new(Registry::default());
     let storage_rt = Background(Some(storage_runtime(conf.broker.storage_low_priority)?));
     let storage = storage_rt.0.as_ref().expect("just built").handle().clone();

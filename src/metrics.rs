@@ -81,6 +81,9 @@ pub struct BrokerMetrics {
     pub messages_out: AtomicU64,
     /// Records written to the dead-letter file.
     pub dead_lettered: AtomicU64,
+    /// Messages a subscriber never got because it fell behind by more than the router keeps
+    /// per filter (`mqtt.router_segment_size` × `mqtt.router_segments`).
+    pub router_lost: AtomicU64,
 }
 
 /// Everything the `/metrics` endpoint shows.
@@ -99,6 +102,11 @@ impl Registry {
             out,
             "# TYPE mqtt_persist_connections gauge\nmqtt_persist_connections {}",
             b.connections.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mqtt_persist_router_lost_total counter\nmqtt_persist_router_lost_total {}",
+            b.router_lost.load(Relaxed)
         );
         let _ = writeln!(
             out,

@@ -811,3 +811,72 @@ async fn shared_subscriptions_refuse_bad_filters_and_no_local() {
         other => panic!("expected DISCONNECT 0x82, got {other:?}"),
     }
 }
+
+/// A QoS 1 subscriber that fell behind by more than the router keeps of its filter is told,
+/// never left to miss messages silently: DISCONNECT 0x97, and the jump is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_the_router_dropped_messages_for_is_disconnected_with_a_reason() {
+    let kit = SqliteKit::new().await;
+    let b = BrokerProc::start_metered(
+        "sqlite",
+        &kit.plugin_conf(),
+        "mqtt.router_segment_size = 1024\nmqtt.router_segments = 1\n",
+    );
+    let topic = format!("{}/t", unique("slow"));
+    let (mut s, _) = V5::connected(b.addr, &unique("s"), Hello::default()).await;
+    s.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("p"), Hello::default()).await;
+    let payload = [b'x'; 100];
+    // The router sends 100 unacked; the rest waits in its log, which keeps about 1 KiB.
+    for i in 0..300 {
+        if tokio::time::timeout(Duration::from_secs(5), p.publish(&topic, QoS::AtLeastOnce, false, &payload, None))
+            .await
+            .is_err()
+        {
+            panic!("publish {i} not acked\n{}", b.log());
+        }
+    }
+    let mut unacked = Vec::new();
+    for i in 0..100 {
+        match tokio::time::timeout(Duration::from_secs(5), s.publish_in()).await {
+            Ok(m) => unacked.push(m.pkid),
+            Err(_) => panic!("only {i} of the first 100 arrived\n{}", b.log()),
+        }
+    }
+    // Acked now, the router reads on from where this subscriber was: gone from its log.
+    for pkid in unacked {
+        s.try_send(Packet::PubAck(PubAck::new(pkid, None))).await;
+    }
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), s.recv_within(WAIT)).await;
+        let Ok(next) = next else { panic!("nothing more\n{}", b.log()) };
+        match next {
+            Some(Packet::Publish(m)) => {
+                s.try_send(Packet::PubAck(PubAck::new(m.pkid, None))).await;
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, DisconnectReasonCode::QuotaExceeded);
+                break;
+            }
+            other => panic!("expected DISCONNECT 0x97, got {other:?}\n{}", b.log()),
+        }
+    }
+    assert!(b.metric("mqtt_persist_router_lost_total").await >= 1);
+}
+
+/// With no rule that needs a message's id, acks still complete the router's deliveries: a
+/// subscriber gets far more than the router's 100 in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_rules_a_subscriber_gets_every_qos1_message_past_the_routers_window() {
+    let b = BrokerProc::start("sqlite", "backend.sqlite.pool1.path = data/none.db\n");
+    let topic = format!("{}/t", unique("plain"));
+    let (mut s, _) = V5::connected(b.addr, &unique("s"), Hello::default()).await;
+    s.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("p"), Hello::default()).await;
+    for i in 0..300u32 {
+        p.publish(&topic, QoS::AtLeastOnce, false, &i.to_be_bytes(), None).await;
+        let m = s.publish_in().await;
+        assert_eq!(&m.payload[..], &i.to_be_bytes());
+        s.puback(m.pkid).await;
+    }
+}

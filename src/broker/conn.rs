@@ -186,6 +186,8 @@ struct Session {
     /// Msgids delivered once, while overlapping subscriptions with identifiers make the router
     /// send a copy per subscription (one copy goes out, with every identifier).
     delivered_ids: HashSet<u64>,
+    /// Per filter, the router log offset its next message should have (see `check_gap`).
+    next_offset: HashMap<Arc<str>, u64>,
     /// This connection's id in the engine (shared subscription groups tell connections apart).
     conn_id: u64,
     /// The shared subscriptions this connection is a member of, by their `$share/…` filter.
@@ -256,6 +258,15 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         Some((ConnectReturnCode::BadUserNamePassword, "user name holds a NUL character"))
     } else if !will_topic_ok {
         Some((ConnectReturnCode::TopicNameInvalid, "invalid will topic"))
+    } else if engine.metrics.broker.connections.load(std::sync::atomic::Ordering::Relaxed) as usize >= engine.conf.mqtt.max_connections {
+        Some((
+            if codec.is_v5() {
+                ConnectReturnCode::QuotaExceeded
+            } else {
+                ConnectReturnCode::ServiceUnavailable
+            },
+            "mqtt.max_connections reached",
+        ))
     } else if connect.client_id.is_empty() && !connect.clean_session && !codec.is_v5() {
         // MQTT-3.1.3-8 (3.1.1 only; MQTT 5 assigns an id whatever Clean Start says).
         Some((ConnectReturnCode::ClientIdentifierNotValid, "empty client id without clean session"))
@@ -394,7 +405,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         to_store: Vec::new(),
         wbuf: BytesMut::with_capacity(16 * 1024),
         subs,
-        out_meta: vec![None; 101],
+        out_meta: Vec::new(),
         router_inflight: VecDeque::new(),
         injected: HashMap::new(),
         next_pkid: FIRST_INJECT_PKID,
@@ -425,6 +436,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         downgraded: HashSet::new(),
         delivered_ids: HashSet::new(),
         conn_id,
+        next_offset: HashMap::new(),
         shares: HashMap::new(),
         share_tx,
         share_window: usize::from(
@@ -587,7 +599,10 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                 }
                 if s.closing { break Ok(()); }
             }
-            Some(cmd) = ctl_rx.recv() => s.control(cmd),
+            Some(cmd) = ctl_rx.recv() => {
+                s.control(cmd);
+                if s.closing { break Ok(()); }
+            }
             Some(d) = share_rx.recv() => s.shared(d),
             _ = &mut idle => {
                 s.reason = "keepalive_timeout";
@@ -633,7 +648,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         let _ = tokio::task::spawn_blocking(move || eng.discard_session(&cid, &rid)).await;
     }
     engine.leave(&clientid, arrival);
-    if s.reason == "protocol_error" {
+    if s.reason == "protocol_error" || s.reason == "quota_exceeded" {
         // The client may still be writing when the broker ends the connection (an MQTT 5
         // DISCONNECT with a reason is on its way): read on until it closes, briefly, so that it
         // reads that DISCONNECT instead of running into a reset.
@@ -1012,10 +1027,10 @@ impl Session {
             self.injected_acked(inj);
             return;
         }
-        if pkid == 0 || pkid as usize >= self.out_meta.len() {
+        if pkid == 0 || pkid > 100 {
             return;
         }
-        if let Some((meta, topic)) = self.out_meta[pkid as usize].take() {
+        if let Some((meta, topic)) = self.out_meta.get_mut(pkid as usize).and_then(Option::take) {
             if let Ok(t) = std::str::from_utf8(&topic) {
                 self.fire_acked(meta.msgid, t.into());
             }
@@ -1150,6 +1165,8 @@ impl Session {
                 continue;
             }
             let is_new = self.subs.insert(filter.clone(), q).is_none();
+            // The router may start a repeated subscription's reads anew.
+            self.next_offset.remove(&filter);
             // Retain Handling: 0 = on every subscribe, 1 = only a new one, 2 = never.
             let retained = match f.retain_forward_rule {
                 RetainForwardRule::OnEverySubscribe => true,
@@ -1302,6 +1319,7 @@ impl Session {
                 let _ = done.changed().await;
             }
             let existed = self.subs.remove(f.as_str()).is_some();
+            self.next_offset.remove(f.as_str());
             self.set_opts(&Arc::from(f.as_str()), SubOpts::default());
             reasons.push(if existed {
                 UnsubAckReason::Success
@@ -1451,6 +1469,9 @@ impl Session {
     }
 
     fn forward(&mut self, mut f: Forward) {
+        if let Some((_, offset)) = f.cursor {
+            self.check_gap(&f.publish.topic, offset);
+        }
         let published = wire::take_published(&mut f.properties);
         // Always taken off, even when this connection's rules do not read it (a publisher on
         // another rule generation may have added it).
@@ -1534,6 +1555,10 @@ impl Session {
         }
         if qos > 0 {
             self.router_inflight.push_back(RouterInflight { pkid, ack: None });
+            if meta.is_some() && self.out_meta.is_empty() {
+                // Sized on first use: an idle connection keeps nothing of it.
+                self.out_meta.resize(101, None);
+            }
             if let (Some(m), Some(slot)) = (&meta, self.out_meta.get_mut(pkid as usize)) {
                 *slot = Some((m.clone(), topic.clone()));
             }
@@ -1542,6 +1567,43 @@ impl Session {
             }
         }
         self.fire_delivered(meta, topic, payload, qos);
+    }
+
+    /// The router reads each filter's log in order, one offset after the other, unless this
+    /// subscriber fell behind by more than it keeps: it then jumps ahead and the messages in
+    /// between are lost for this client. Counted; a client promised QoS 1/2 on that filter is
+    /// disconnected (MQTT 5: 0x97) rather than left to miss them silently. Told apart only
+    /// where one of the client's filters matches the topic.
+    fn check_gap(&mut self, topic: &[u8], offset: u64) {
+        let Ok(topic) = std::str::from_utf8(topic) else { return };
+        // One subscription (the common case): it is the one that matched.
+        let only = self.subs.len() == 1;
+        let mut matching = self
+            .subs
+            .iter()
+            .filter(|(f, _)| !f.starts_with('$') && (only || crate::topic::matches(topic, f)));
+        let (Some((filter, qos)), None) = (matching.next(), matching.next()) else {
+            return;
+        };
+        let (filter, qos) = (filter.clone(), *qos);
+        let expected = self.next_offset.insert(filter.clone(), offset + 1);
+        let Some(lost) = expected.and_then(|e| offset.checked_sub(e)).filter(|n| *n > 0) else {
+            return;
+        };
+        self.engine
+            .metrics
+            .broker
+            .router_lost
+            .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+        if qos > 0 && !self.closing {
+            tracing::warn!(
+                clientid = %self.client.clientid, %filter, lost,
+                "a subscriber fell behind by more than the router keeps of a filter (mqtt.router_segment_size x mqtt.router_segments): messages it had not read are lost for it; disconnecting it"
+            );
+            self.reason = "quota_exceeded";
+            self.disconnect_v5(DisconnectReasonCode::QuotaExceeded);
+            self.closing = true;
+        }
     }
 
     /// `message.delivered` for a live message that went out at `qos`.
@@ -1805,7 +1867,10 @@ impl Session {
             tx: self.share_tx.clone(),
         };
         let eng = self.engine.clone();
-        let g = self.engine.shares.join(group, inner, member, |id| eng.link(id, true))?;
+        let g = self
+            .engine
+            .shares
+            .join(group, inner, member, &self.engine.metrics, |id| eng.link(id, true))?;
         self.shares.insert(full.clone(), g);
         Ok(())
     }
@@ -1856,6 +1921,11 @@ impl Session {
 
     fn control(&mut self, cmd: Control) {
         match cmd {
+            Control::Disconnect => {
+                self.reason = "quota_exceeded";
+                self.disconnect_v5(DisconnectReasonCode::QuotaExceeded);
+                self.closing = true;
+            }
             Control::Subscribe { filter, qos } => {
                 if !crate::topic::valid_filter(&filter) {
                     tracing::warn!(clientid = %self.client.clientid, %filter, "server-side subscribe with an invalid filter ignored");

@@ -76,15 +76,16 @@ type PointerDeletes = HashMap<Arc<str>, Vec<(Arc<str>, PointerDelete)>>;
 /// A live connection: its id, its `connected_at`, its control channel.
 type Live = (u64, i64, mpsc::UnboundedSender<Control>);
 
-/// Router settings whose memory stays bounded: each topic's commitlog holds at most
-/// `max_segment_size × max_segment_count` bytes (older data of offline persistent sessions is
-/// then served from the database, not from memory).
-pub fn router_config() -> RouterConfig {
+/// Router settings whose memory stays bounded: each filter's commitlog holds at most
+/// `router_segment_size × router_segments` bytes of topics and payloads (older data of
+/// subscribers that fell behind is gone from the router: `conn` notices the gap).
+pub fn router_config(limits: &crate::config::MqttLimits) -> RouterConfig {
     RouterConfig {
-        max_connections: 100_000,
+        // Shared subscription groups hold links of their own.
+        max_connections: limits.max_connections + 1024,
         max_outgoing_packet_count: 200,
-        max_segment_size: 4 << 20,
-        max_segment_count: 8,
+        max_segment_size: limits.router_segment_size,
+        max_segment_count: limits.router_segments,
         ..Default::default()
     }
 }
@@ -100,7 +101,7 @@ impl Engine {
         let mark = conf.data_dir.join("msgid.hw");
         std::fs::create_dir_all(&conf.data_dir).map_err(|e| format!("cannot create {}: {e}", conf.data_dir.display()))?;
         let msgids = MsgIdGen::open(conf.node_id, mark.clone()).map_err(|e| format!("msgid high-water mark {}: {e}", mark.display()))?;
-        let router_tx = Router::new(conf.node_id as usize, router_config()).spawn();
+        let router_tx = Router::new(conf.node_id as usize, router_config(&conf.mqtt)).spawn();
         let links: LinkFactory = Box::new(move |id, clean| {
             LinkBuilder::new(id, router_tx.clone())
                 .clean_session(clean)

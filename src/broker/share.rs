@@ -122,6 +122,7 @@ impl Shares {
         group: &str,
         filter: &str,
         member: Member,
+        metrics: &Arc<crate::metrics::Registry>,
         link: impl FnOnce(&str) -> Result<Link, String>,
     ) -> Result<GroupRef, String> {
         let key: (Arc<str>, Arc<str>) = (group.into(), filter.into());
@@ -130,11 +131,11 @@ impl Shares {
             match g.0.send(Cmd::Join(member)) {
                 Ok(()) => return Ok(g.clone()),
                 // The group task is gone (it ended, or panicked): start a new one.
-                Err(mpsc::error::SendError(Cmd::Join(m))) => return self.start(&mut groups, key, m, link),
+                Err(mpsc::error::SendError(Cmd::Join(m))) => return self.start(&mut groups, key, m, metrics.clone(), link),
                 Err(_) => unreachable!("sent a join"),
             }
         }
-        self.start(&mut groups, key, member, link)
+        self.start(&mut groups, key, member, metrics.clone(), link)
     }
 
     fn start(
@@ -142,6 +143,7 @@ impl Shares {
         groups: &mut HashMap<(Arc<str>, Arc<str>), GroupRef>,
         key: (Arc<str>, Arc<str>),
         member: Member,
+        metrics: Arc<crate::metrics::Registry>,
         link: impl FnOnce(&str) -> Result<Link, String>,
     ) -> Result<GroupRef, String> {
         // Client ids reach the router escaped (`wire::router_client_id`), where `%` only ever
@@ -162,7 +164,7 @@ impl Shares {
         let g = GroupRef(cmd_tx);
         let _ = g.0.send(Cmd::Join(member));
         groups.insert(key.clone(), g.clone());
-        tokio::spawn(run(key, tx, rx, cmd_rx, g.clone(), self.groups.clone()));
+        tokio::spawn(run(key, tx, rx, cmd_rx, g.clone(), self.groups.clone(), metrics));
         Ok(g)
     }
 
@@ -205,6 +207,9 @@ struct MemberState {
 
 #[derive(Default)]
 struct State {
+    /// The router log offset the group's next message should have: a jump means the group fell
+    /// behind by more than the router keeps (its members were all slow or away).
+    next_offset: Option<u64>,
     members: Vec<MemberState>,
     next: usize,
     waiting: VecDeque<Waiting>,
@@ -276,7 +281,12 @@ impl State {
         }
     }
 
-    fn forward(&mut self, mut f: rumqttd::Forward) {
+    fn forward(&mut self, mut f: rumqttd::Forward) -> u64 {
+        let mut lost = 0;
+        if let Some((_, offset)) = f.cursor {
+            lost = self.next_offset.and_then(|e| offset.checked_sub(e)).unwrap_or(0);
+            self.next_offset = Some(offset + 1);
+        }
         let published = wire::take_published(&mut f.properties);
         let meta = take_meta(&mut f.properties);
         // Unmarked: published at QoS 1 or 2 (the router marks none; publishers mark QoS 0).
@@ -291,6 +301,7 @@ impl State {
             meta,
             at: Instant::now(),
         });
+        lost
     }
 
     /// Hands waiting messages to members, oldest first, while one has room.
@@ -354,6 +365,7 @@ async fn run(
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     me: GroupRef,
     groups: Groups,
+    metrics: Arc<crate::metrics::Registry>,
 ) {
     let mut st = State::default();
     let mut acks: Vec<Packet> = Vec::new();
@@ -381,7 +393,11 @@ async fn run(
                                 if q > 0 {
                                     acks.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
                                 }
-                                st.forward(f);
+                                let lost = st.forward(f);
+                                if lost > 0 {
+                                    metrics.broker.router_lost.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                                    tracing::warn!(group = %key.0, filter = %key.1, lost, "a shared subscription group fell behind by more than the router keeps of its filter (its members are slow or away): messages lost for it");
+                                }
                             }
                             Notification::Unschedule => wake = true,
                             _ => {}

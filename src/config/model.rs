@@ -328,6 +328,12 @@ pub struct MqttLimits {
     pub max_topic_levels: usize,
     /// Subscriptions per client (0: no limit).
     pub max_subscriptions: usize,
+    /// Connections at once; more are refused in CONNACK.
+    pub max_connections: usize,
+    /// What rumqttd's router keeps of each filter's routed messages, for subscribers behind:
+    /// segments of this many bytes (topic + payload), this many segments.
+    pub router_segment_size: usize,
+    pub router_segments: usize,
 }
 
 impl Default for MqttLimits {
@@ -339,6 +345,9 @@ impl Default for MqttLimits {
             max_topic_length: 4096,
             max_topic_levels: 128,
             max_subscriptions: 0,
+            max_connections: 100_000,
+            router_segment_size: 4 << 20,
+            router_segments: 8,
         }
     }
 }
@@ -389,6 +398,9 @@ const BROKER_KEYS: &[&str] = &[
     "mqtt.max_topic_length",
     "mqtt.max_topic_levels",
     "mqtt.max_subscriptions",
+    "mqtt.max_connections",
+    "mqtt.router_segment_size",
+    "mqtt.router_segments",
     "acl.file",
 ];
 
@@ -512,6 +524,9 @@ fn broker_conf(e: &Entries, ov: &Overrides, etc: &Path, errors: &mut Vec<ConfErr
         max_topic_length: num("mqtt.max_topic_length", d.max_topic_length as u64, 65_535).max(1) as usize,
         max_topic_levels: num("mqtt.max_topic_levels", d.max_topic_levels as u64, 65_535).max(1) as usize,
         max_subscriptions: num("mqtt.max_subscriptions", d.max_subscriptions as u64, u32::MAX as u64) as usize,
+        max_connections: num("mqtt.max_connections", d.max_connections as u64, 10_000_000).max(1) as usize,
+        router_segment_size: num("mqtt.router_segment_size", d.router_segment_size as u64, 1 << 30).max(1024) as usize,
+        router_segments: num("mqtt.router_segments", d.router_segments as u64, 1024).max(1) as usize,
     };
     let fetch_timeout = Duration::from_millis(num("persist.fetch_timeout", 5000, 600_000));
     let batch_linger = Duration::from_micros(num("persist.batch_linger", 0, 1_000_000));

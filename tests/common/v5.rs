@@ -95,9 +95,14 @@ impl V5 {
     }
 
     pub async fn send(&mut self, p: Packet) {
+        assert!(self.try_send(p).await, "the broker closed the connection");
+    }
+
+    /// Sends `p`; false when the broker already closed the connection.
+    pub async fn try_send(&mut self, p: Packet) -> bool {
         let mut b = BytesMut::new();
         p.write(&mut b).unwrap();
-        self.stream.write_all(&b).await.unwrap();
+        self.stream.write_all(&b).await.is_ok()
     }
 
     /// The next packet, or a panic after [`WAIT`].
