@@ -880,3 +880,53 @@ async fn without_rules_a_subscriber_gets_every_qos1_message_past_the_routers_win
         s.puback(m.pkid).await;
     }
 }
+
+/// The same for a persistent session that was offline while the router dropped its messages:
+/// back, it is told once (0x97), and the next connection goes on normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_back_from_offline_is_told_the_router_dropped_its_messages() {
+    let kit = SqliteKit::new().await;
+    let b = BrokerProc::start_metered(
+        "sqlite",
+        &kit.plugin_conf(),
+        "mqtt.router_segment_size = 1024\nmqtt.router_segments = 1\n",
+    );
+    let topic = format!("{}/t", unique("away"));
+    let id = unique("s");
+    let (mut s, _) = V5::connected(b.addr, &id, Hello::session(60)).await;
+    s.subscribe(&topic, QoS::AtLeastOnce).await;
+    let (mut p, _) = V5::connected(b.addr, &unique("p"), Hello::default()).await;
+    p.publish(&topic, QoS::AtLeastOnce, false, b"before", None).await;
+    let m = s.publish_in().await;
+    s.puback(m.pkid).await;
+    s.disconnect(DisconnectReasonCode::NormalDisconnection).await;
+    for _ in 0..300 {
+        p.publish(&topic, QoS::AtLeastOnce, false, &[b'x'; 100], None).await;
+    }
+    let (mut s, ack) = V5::connected(b.addr, &id, Hello::resume(60)).await;
+    assert!(ack.session_present);
+    loop {
+        match s.recv_within(WAIT).await {
+            Some(Packet::Publish(m)) => {
+                s.try_send(Packet::PubAck(PubAck::new(m.pkid, None))).await;
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, DisconnectReasonCode::QuotaExceeded);
+                break;
+            }
+            other => panic!("expected DISCONNECT 0x97, got {other:?}\n{}", b.log()),
+        }
+    }
+    assert!(b.metric("mqtt_persist_router_lost_total").await >= 100);
+    // Told once: the session goes on.
+    let (mut s, ack) = V5::connected(b.addr, &id, Hello::resume(60)).await;
+    assert!(ack.session_present);
+    p.publish(&topic, QoS::AtLeastOnce, false, b"after", None).await;
+    loop {
+        let m = s.publish_in().await;
+        s.puback(m.pkid).await;
+        if &m.payload[..] == b"after" {
+            break;
+        }
+    }
+}

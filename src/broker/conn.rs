@@ -369,10 +369,12 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         connected_at,
     });
     let mut opts = HashMap::new();
+    let mut offsets = HashMap::new();
     let subs = if clean {
         engine.shares.forget(&clientid);
         engine.sessions.lock().remove(&clientid);
         engine.session_opts.lock().remove(&clientid);
+        engine.session_offsets.lock().remove(&clientid);
         HashMap::new()
     } else if session_present {
         engine
@@ -381,6 +383,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
             .get(&clientid)
             .map(|s| s.iter().map(|(f, q)| (Arc::from(f.as_str()), *q)).collect())
             .inspect(|_: &HashMap<Arc<str>, u8>| {
+                offsets = engine.session_offsets.lock().remove(&clientid).unwrap_or_default();
                 opts = engine.session_opts.lock().get(&clientid).cloned().unwrap_or_default();
                 engine.option_subs.fetch_add(opts.len(), std::sync::atomic::Ordering::Relaxed);
             })
@@ -436,7 +439,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         downgraded: HashSet::new(),
         delivered_ids: HashSet::new(),
         conn_id,
-        next_offset: HashMap::new(),
+        next_offset: offsets,
         shares: HashMap::new(),
         share_tx,
         share_window: usize::from(
@@ -2009,6 +2012,10 @@ impl Session {
             let _ = self.flush_router();
         }
         self.sync_session();
+        if self.expiry > 0 && self.reason != "takenover" && !self.next_offset.is_empty() {
+            let offsets = std::mem::take(&mut self.next_offset);
+            self.engine.session_offsets.lock().insert(self.client.clientid.to_string(), offsets);
+        }
         let at = now_ms();
         self.d.fire(&Event::Disconnected {
             client: self.client.clone(),

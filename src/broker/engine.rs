@@ -30,6 +30,9 @@ pub struct Engine {
     pub sessions: Mutex<HashMap<String, HashMap<String, u8>>>,
     /// The MQTT 5 options of those subscriptions, where they have any.
     pub session_opts: Mutex<HashMap<String, HashMap<Arc<str>, super::flow::SubOpts>>>,
+    /// Per filter of those sessions, the router log offset of the next message the session
+    /// should get: a session back from offline notices what the router dropped meanwhile.
+    pub session_offsets: Mutex<HashMap<String, HashMap<Arc<str>, u64>>>,
     clients: Mutex<HashMap<String, Live>>,
     next_conn: AtomicU64,
     internal: Mutex<Option<LinkTx>>,
@@ -117,6 +120,7 @@ impl Engine {
             metrics,
             sessions: Mutex::new(HashMap::new()),
             session_opts: Mutex::new(HashMap::new()),
+            session_offsets: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             internal: Mutex::new(None),
@@ -244,6 +248,7 @@ impl Engine {
         self.shares.forget(clientid);
         self.sessions.lock().remove(clientid);
         self.session_opts.lock().remove(clientid);
+        self.session_offsets.lock().remove(clientid);
         self.discarding.lock().remove(clientid);
     }
 
