@@ -302,6 +302,13 @@ async fn spooled_writes_survive_a_broker_kill_during_an_outage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(rows, 25, "spooled writes replayed after restart:\n{}", broker.log());
+    // The writer logs the replay once it committed: just after the rows are visible.
+    for _ in 0..50 {
+        if broker.log().contains("spooled writes replayed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(broker.log().contains("spooled writes replayed"), "{}", broker.log());
 }
 

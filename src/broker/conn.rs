@@ -6,7 +6,7 @@
 //! property, hold PUBACKs until storage committed (no-loss), and inject stored messages into one
 //! client before its subscription's live traffic, with packet ids outside the router's 1..=100.
 
-use super::engine::Engine;
+use super::engine::{ConnMsg, Engine};
 use super::flow::{AliasError, Aliased, Deferred, InAliases, Inbound, Outbound, SubOpts};
 use super::share::{self, Delivery, GroupRef, Member};
 use super::wire::{self, encode_meta, strip_meta, take_meta, Codec, Meta, META_KEY};
@@ -192,7 +192,8 @@ struct Session {
     conn_id: u64,
     /// The shared subscriptions this connection is a member of, by their `$share/…` filter.
     shares: HashMap<Arc<str>, GroupRef>,
-    share_tx: mpsc::UnboundedSender<Delivery>,
+    /// This connection's own channel (`Engine::register`), for its shared subscription groups.
+    share_tx: mpsc::UnboundedSender<ConnMsg>,
     share_window: usize,
     reason: &'static str,
     closing: bool,
@@ -348,7 +349,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         _ => false,
     };
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
-    let (share_tx, mut share_rx) = mpsc::unbounded_channel();
+    let share_tx = ctl_tx.clone();
     let (conn_id, connected_at) = engine.register(&clientid, now_ms(), ctl_tx);
     if clean || expiry == 0 {
         // No session to continue: the read pointers of an earlier one go too, before any
@@ -406,7 +407,8 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         tx,
         to_router: Vec::new(),
         to_store: Vec::new(),
-        wbuf: BytesMut::with_capacity(16 * 1024),
+        // Grows to what the traffic needs (an idle connection keeps next to nothing).
+        wbuf: BytesMut::new(),
         subs,
         out_meta: Vec::new(),
         router_inflight: VecDeque::new(),
@@ -602,11 +604,13 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
                 }
                 if s.closing { break Ok(()); }
             }
-            Some(cmd) = ctl_rx.recv() => {
-                s.control(cmd);
+            Some(m) = ctl_rx.recv() => {
+                match m {
+                    ConnMsg::Control(cmd) => s.control(cmd),
+                    ConnMsg::Shared(d) => s.shared(*d),
+                }
                 if s.closing { break Ok(()); }
             }
-            Some(d) = share_rx.recv() => s.shared(d),
             _ = &mut idle => {
                 s.reason = "keepalive_timeout";
                 s.disconnect_v5(DisconnectReasonCode::KeepAliveTimeout);

@@ -77,7 +77,16 @@ pub type PointerDelete = tokio::sync::watch::Receiver<()>;
 type PointerDeletes = HashMap<Arc<str>, Vec<(Arc<str>, PointerDelete)>>;
 
 /// A live connection: its id, its `connected_at`, its control channel.
-type Live = (u64, i64, mpsc::UnboundedSender<Control>);
+type Live = (u64, i64, mpsc::UnboundedSender<ConnMsg>);
+
+/// What reaches a live connection from elsewhere in the broker, on one channel (one channel
+/// block per connection, not two).
+pub enum ConnMsg {
+    Control(Control),
+    /// A message its shared subscription group chose it for (boxed: the channel's blocks
+    /// hold 32 of these, allocated with each connection).
+    Shared(Box<super::share::Delivery>),
+}
 
 /// Router settings whose memory stays bounded: each filter's commitlog holds at most
 /// `router_segment_size × router_segments` bytes of topics and payloads (older data of
@@ -196,7 +205,7 @@ impl Engine {
     /// Registers a new connection of `clientid`; returns its connection id and `connected_at`.
     /// A takeover within the same millisecond gets a later `connected_at` than the connection
     /// it replaces: the stored state's takeover guard tells connections apart by it.
-    pub fn register(&self, clientid: &str, now_ms: i64, tx: mpsc::UnboundedSender<Control>) -> (u64, i64) {
+    pub fn register(&self, clientid: &str, now_ms: i64, tx: mpsc::UnboundedSender<ConnMsg>) -> (u64, i64) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut clients = self.clients.lock();
         let at = match clients.get(clientid) {
@@ -343,7 +352,10 @@ impl Engine {
 
     /// Sends a control command to a connected client; false if it is not connected here.
     pub fn control(&self, clientid: &str, cmd: Control) -> bool {
-        self.clients.lock().get(clientid).is_some_and(|(_, _, tx)| tx.send(cmd).is_ok())
+        self.clients
+            .lock()
+            .get(clientid)
+            .is_some_and(|(_, _, tx)| tx.send(ConnMsg::Control(cmd)).is_ok())
     }
 }
 

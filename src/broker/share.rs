@@ -13,7 +13,7 @@
 //!
 //! Granted QoS is at most 1: a QoS 2 message goes out to a group at QoS 1.
 
-use super::engine::Link;
+use super::engine::{ConnMsg, Link};
 use super::wire::{self, take_meta, Meta};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -62,7 +62,7 @@ pub struct Member {
     pub qos: u8,
     /// QoS 1 deliveries it may have unacked at once.
     pub window: usize,
-    pub tx: mpsc::UnboundedSender<Delivery>,
+    pub tx: mpsc::UnboundedSender<ConnMsg>,
 }
 
 enum Cmd {
@@ -343,7 +343,7 @@ impl State {
                 props: w.props.clone(),
                 meta: w.meta.clone(),
             };
-            if s.m.tx.send(d).is_err() {
+            if s.m.tx.send(ConnMsg::Shared(Box::new(d))).is_err() {
                 // The connection is gone and has not said so yet.
                 s.online = false;
                 self.waiting.push_front(w);
