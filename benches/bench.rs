@@ -78,6 +78,11 @@ struct Raw {
 
 impl Raw {
     async fn connect(addr: SocketAddr, id: &str) -> Raw {
+        Self::connect_session(addr, id, true).await
+    }
+
+    /// `clean: false`: a persistent session (MQTT 3.1.1 clean session 0).
+    async fn connect_session(addr: SocketAddr, id: &str, clean: bool) -> Raw {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.set_nodelay(true).unwrap();
         let mut b = BytesMut::new();
@@ -86,7 +91,7 @@ impl Raw {
                 Connect {
                     keep_alive: 60,
                     client_id: id.into(),
-                    clean_session: true,
+                    clean_session: clean,
                 },
                 None,
                 None,

@@ -154,6 +154,69 @@ async fn fan(b: &Proc, filters: usize, per: u64) -> (f64, f64, f64) {
     (mib(before), mib(peak.load(Ordering::Relaxed)), mib(b.rss_kb()))
 }
 
+/// A persistent QoS 1 subscriber that reads `read_rate` msg/s while `pub_rate` msg/s are
+/// published to it for `secs`: what it received, whether the broker disconnected it (and
+/// when), and the broker's peak RSS in MiB.
+async fn slow(b: &Proc, read_rate: u64, pub_rate: u64, secs: u64) -> (u64, Option<f64>, f64) {
+    let topic = format!("mem/slow/{}", mqtt_persist::model::now_ms());
+    let mut sub = Raw::connect_session(b.addr, "slow-sub", false).await;
+    sub.subscribe(&topic, RQoS::AtLeastOnce).await;
+    let pid = b.child.id();
+    let rss = move || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+        s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4
+    };
+    let p = Raw::connect(b.addr, "slow-pub").await;
+    let epoch = Instant::now();
+    let t = topic.clone();
+    let publishing = tokio::spawn(async move { publisher(p, &t, pub_rate * secs, 1, 100, Some(pub_rate), epoch).await });
+    let mut got = 0u64;
+    let mut peak = 0u64;
+    let mut closed = None;
+    let pace = Duration::from_micros(1_000_000 / read_rate);
+    let end = epoch + Duration::from_secs(secs);
+    let mut ack = BytesMut::new();
+    while Instant::now() < end {
+        // One message at a time, acked, then the pause that makes the reader slow.
+        let hdr = wire::peek_publish(&sub.r);
+        match V4.read_mut(&mut sub.r, 1 << 20) {
+            Ok(Packet::Publish(..)) => {
+                if let Some((1, pkid)) = hdr {
+                    V4.write(
+                        Packet::PubAck(
+                            PubAck {
+                                pkid,
+                                reason: PubAckReason::Success,
+                            },
+                            None,
+                        ),
+                        &mut ack,
+                    )
+                    .unwrap();
+                    let _ = sub.s.write_all(&ack).await;
+                    ack.clear();
+                }
+                got += 1;
+                peak = peak.max(rss());
+                tokio::time::sleep(pace).await;
+            }
+            Ok(_) => {}
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {
+                match tokio::time::timeout(Duration::from_secs(1), sub.s.read_buf(&mut sub.r)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        closed = Some(epoch.elapsed().as_secs_f64());
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    publishing.abort();
+    (got, closed, peak as f64 / 1024.0)
+}
+
 pub async fn memory() {
     raise_nofile();
     let n = 10_000;
@@ -184,6 +247,20 @@ pub async fn memory() {
         Some(m) => fan(&m, filters, per).await,
         None => (f64::NAN, f64::NAN, f64::NAN),
     };
+    if std::env::var("BENCH_SKIP_SLOW").is_err() {
+        let secs = env("BENCH_SLOW_SECS", 60);
+        let (og, oc, op) = slow(&ours(&conf), 100, 10_000, secs).await;
+        let (mg, mc, mp) = match mosquitto() {
+            Some(m) => slow(&m, 100, 10_000, secs).await,
+            None => (0, None, f64::NAN),
+        };
+        let said = |c: Option<f64>| c.map_or("never disconnected".to_string(), |t| format!("disconnected at {t:.0} s"));
+        println!(
+            "| persistent QoS1 subscriber reading 100 msg/s, 10k msg/s published to it for {secs} s | mqtt-persist: got {og}, {}, RSS peak {op:.0} MiB | mosquitto: got {mg}, {}, RSS peak {mp:.0} MiB | – |",
+            said(oc),
+            said(mc)
+        );
+    }
     println!(
         "| {filters} pubs → {filters} subs, one filter each, {per} QoS1 {PAYLOAD} B messages each, broker RSS before / peak / after | mqtt-persist: {b0:.0} / {b1:.0} / {b2:.0} MiB (growth {:.0}) | mosquitto: {m0:.0} / {m1:.0} / {m2:.0} MiB (growth {:.0}) | – |",
         b2 - b0,
