@@ -188,6 +188,9 @@ struct Session {
     delivered_ids: HashSet<u64>,
     /// Per filter, the router log offset its next message should have (see `check_gap`).
     next_offset: HashMap<Arc<str>, u64>,
+    /// SUBSCRIBE / UNSUBSCRIBE packets the router has not answered yet: until it has, a
+    /// forward may come from a read that is ending or starting, and gaps are not judged.
+    router_changes: usize,
     /// This connection's id in the engine (shared subscription groups tell connections apart).
     conn_id: u64,
     /// The shared subscriptions this connection is a member of, by their `$share/…` filter.
@@ -442,6 +445,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         delivered_ids: HashSet::new(),
         conn_id,
         next_offset: offsets,
+        router_changes: 0,
         shares: HashMap::new(),
         share_tx,
         share_window: usize::from(
@@ -463,7 +467,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         .map(|(f, q)| (f.clone(), *q))
         .collect();
     for (f, q) in kept {
-        if let Some(Ok((g, inner))) = share::parse(&f) {
+        if let Some(Ok((g, inner))) = share::parse(&f).filter(|r| r.is_ok_and(|(_, inner)| !inner.starts_with('$'))) {
             if let Err(e) = s.join_share(&f, g, inner, q) {
                 tracing::warn!(clientid = %client.clientid, filter = %f, error = %e, "cannot rejoin a shared subscription");
             }
@@ -1153,7 +1157,7 @@ impl Session {
             }
             let q = f.qos as u8;
             let filter: Arc<str> = path.into();
-            if let Some(Ok((group, inner))) = shared {
+            if let Some(Ok((group, inner))) = shared.filter(|r| r.is_ok_and(|(_, inner)| !inner.starts_with('$'))) {
                 // Granted at most QoS 1 (the group's own subscription); no retained messages
                 // and no stored fetch for a shared subscription (MQTT 4.8.2).
                 let q = q.min(1);
@@ -1207,6 +1211,7 @@ impl Session {
                 local: local.take().unwrap_or_default(),
             });
             self.to_router.push(Packet::Subscribe(sub, props));
+            self.router_changes += 1;
             let _ = self.flush_router();
         }
         self.sub_qos_changed();
@@ -1335,9 +1340,10 @@ impl Session {
             });
             if let Some(g) = self.shares.remove(f.as_str()) {
                 g.leave(&self.client.clientid, self.conn_id);
-            } else if existed {
+            } else if existed && !f.starts_with('$') {
                 // One filter per router packet: the router acks each filter separately, and
                 // not at all for unknown ones; we answer the client ourselves.
+                self.router_changes += 1;
                 self.to_router.push(Packet::Unsubscribe(
                     Unsubscribe {
                         pkid: 0,
@@ -1395,6 +1401,7 @@ impl Session {
             }
             Notification::DeviceAck(ack) => match Packet::from(ack) {
                 Packet::SubAck(suback, p) => {
+                    self.router_change_done();
                     let mut pending = self.pending_subs.pop_front();
                     if suback.pkid != 0 {
                         let mut suback = suback;
@@ -1414,7 +1421,11 @@ impl Session {
                         None => Step::Continue,
                     }
                 }
-                Packet::UnsubAck(..) | Packet::PingResp(_) | Packet::ConnAck(..) => Step::Continue,
+                Packet::UnsubAck(..) => {
+                    self.router_change_done();
+                    Step::Continue
+                }
+                Packet::PingResp(_) | Packet::ConnAck(..) => Step::Continue,
                 Packet::PubComp(c, _) if self.swallow_pubcomp.remove(&c.pkid) => Step::Continue,
                 Packet::PubComp(c, _) => {
                     self.inbound.done(c.pkid);
@@ -1582,17 +1593,32 @@ impl Session {
     /// disconnected (MQTT 5: 0x97) rather than left to miss them silently. Told apart only
     /// where one of the client's filters matches the topic.
     fn check_gap(&mut self, topic: &[u8], offset: u64) {
+        if self.router_changes > 0 {
+            return;
+        }
         let Ok(topic) = std::str::from_utf8(topic) else { return };
-        // One subscription (the common case): it is the one that matched.
-        let only = self.subs.len() == 1;
         let mut matching = self
             .subs
             .iter()
-            .filter(|(f, _)| !f.starts_with('$') && (only || crate::topic::matches(topic, f)));
-        let (Some((filter, qos)), None) = (matching.next(), matching.next()) else {
-            return;
+            .filter(|(f, _)| !f.starts_with('$') && crate::topic::matches(topic, f));
+        let (filter, qos) = match (matching.next(), matching.next()) {
+            (Some((f, q)), None) => (f.clone(), *q),
+            (Some(_), Some(_)) => {
+                // Overlapping filters: which log this came from is unknown; their baselines
+                // start again with their next single-filter message.
+                let all: Vec<Arc<str>> = self
+                    .subs
+                    .keys()
+                    .filter(|f| !f.starts_with('$') && crate::topic::matches(topic, f))
+                    .cloned()
+                    .collect();
+                for f in all {
+                    self.next_offset.remove(&f);
+                }
+                return;
+            }
+            _ => return,
         };
-        let (filter, qos) = (filter.clone(), *qos);
         let expected = self.next_offset.insert(filter.clone(), offset + 1);
         let Some(lost) = expected.and_then(|e| offset.checked_sub(e)).filter(|n| *n > 0) else {
             return;
@@ -1610,6 +1636,15 @@ impl Session {
             self.reason = "quota_exceeded";
             self.disconnect_v5(DisconnectReasonCode::QuotaExceeded);
             self.closing = true;
+        }
+    }
+
+    /// The router answered a SUBSCRIBE or UNSUBSCRIBE; once it answered all, the reads it
+    /// sends from are the current ones, and every filter's baseline starts again.
+    fn router_change_done(&mut self) {
+        self.router_changes = self.router_changes.saturating_sub(1);
+        if self.router_changes == 0 {
+            self.next_offset.clear();
         }
     }
 
@@ -1950,13 +1985,18 @@ impl Session {
             }
             Control::Unsubscribe { filter } => {
                 if self.subs.remove(filter.as_str()).is_some() {
-                    self.to_router.push(Packet::Unsubscribe(
-                        Unsubscribe {
-                            pkid: 0,
-                            filters: vec![filter.clone()],
-                        },
-                        None,
-                    ));
+                    if let Some(g) = self.shares.remove(filter.as_str()) {
+                        g.leave(&self.client.clientid, self.conn_id);
+                    } else if !filter.starts_with('$') {
+                        self.router_changes += 1;
+                        self.to_router.push(Packet::Unsubscribe(
+                            Unsubscribe {
+                                pkid: 0,
+                                filters: vec![filter.clone()],
+                            },
+                            None,
+                        ));
+                    }
                     self.sync_session();
                     self.fire_unsubscribed(filter.as_str().into());
                 }
@@ -2016,7 +2056,11 @@ impl Session {
             let _ = self.flush_router();
         }
         self.sync_session();
-        if self.expiry > 0 && self.reason != "takenover" && !self.next_offset.is_empty() {
+        if self.expiry > 0
+            && self.reason != "takenover"
+            && !self.next_offset.is_empty()
+            && self.engine.is_current(&self.client.clientid, self.conn_id)
+        {
             let offsets = std::mem::take(&mut self.next_offset);
             self.engine.session_offsets.lock().insert(self.client.clientid.to_string(), offsets);
         }

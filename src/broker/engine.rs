@@ -217,6 +217,11 @@ impl Engine {
         (id, at)
     }
 
+    /// True while connection `id` is the registered one of `clientid`.
+    pub fn is_current(&self, clientid: &str, id: u64) -> bool {
+        self.clients.lock().get(clientid).is_some_and(|(i, _, _)| *i == id)
+    }
+
     pub fn unregister(&self, clientid: &str, id: u64) {
         let mut c = self.clients.lock();
         if c.get(clientid).is_some_and(|(i, _, _)| *i == id) {

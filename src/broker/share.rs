@@ -226,8 +226,9 @@ impl State {
                     let old = s.m.conn;
                     s.m = m;
                     s.online = true;
-                    s.unacked = 0;
-                    if old != s.m.conn {
+                    let conn = s.m.conn;
+                    s.unacked = self.out.values().filter(|(c, _)| *c == conn).count();
+                    if old != conn {
                         self.requeue(old);
                     }
                 }
@@ -393,10 +394,16 @@ async fn run(
                                 if q > 0 {
                                     acks.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
                                 }
-                                let lost = st.forward(f);
-                                if lost > 0 {
-                                    metrics.broker.router_lost.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
-                                    tracing::warn!(group = %key.0, filter = %key.1, lost, "a shared subscription group fell behind by more than the router keeps of its filter (its members are slow or away): messages lost for it");
+                                // A retained message (the router sends them on a new
+                                // subscription, whatever Retain Handling says) is not for a
+                                // shared subscription (MQTT 4.8.2); only routed ones carry a
+                                // log cursor.
+                                if f.cursor.is_some() {
+                                    let lost = st.forward(f);
+                                    if lost > 0 {
+                                        metrics.broker.router_lost.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                                        tracing::warn!(group = %key.0, filter = %key.1, lost, "a shared subscription group fell behind by more than the router keeps of its filter (its members are slow or away): messages lost for it");
+                                    }
                                 }
                             }
                             Notification::Unschedule => wake = true,
@@ -410,6 +417,11 @@ async fn run(
                 Ok(None) => {}
                 Err(_) => {
                     tracing::error!(group = %key.0, filter = %key.1, "the router dropped a shared subscription's link");
+                    // The next join starts the group again.
+                    let mut g = groups.lock();
+                    if g.get(&key).is_some_and(|r| r.same(&me)) {
+                        g.remove(&key);
+                    }
                     break;
                 }
             },
