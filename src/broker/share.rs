@@ -111,6 +111,8 @@ type Groups = Arc<Mutex<HashMap<(Arc<str>, Arc<str>), GroupRef>>>;
 #[derive(Default)]
 pub struct Shares {
     groups: Groups,
+    /// Groups started, for their router link names.
+    started: std::sync::atomic::AtomicU64,
 }
 
 impl Shares {
@@ -126,29 +128,17 @@ impl Shares {
         link: impl FnOnce(&str) -> Result<Link, String>,
     ) -> Result<GroupRef, String> {
         let key: (Arc<str>, Arc<str>) = (group.into(), filter.into());
-        let mut groups = self.groups.lock();
-        if let Some(g) = groups.get(&key) {
-            match g.0.send(Cmd::Join(member)) {
-                Ok(()) => return Ok(g.clone()),
-                // The group task is gone (it ended, or panicked): start a new one.
-                Err(mpsc::error::SendError(Cmd::Join(m))) => return self.start(&mut groups, key, m, metrics.clone(), link),
-                Err(_) => unreachable!("sent a join"),
-            }
-        }
-        self.start(&mut groups, key, member, metrics.clone(), link)
-    }
-
-    fn start(
-        &self,
-        groups: &mut HashMap<(Arc<str>, Arc<str>), GroupRef>,
-        key: (Arc<str>, Arc<str>),
-        member: Member,
-        metrics: Arc<crate::metrics::Registry>,
-        link: impl FnOnce(&str) -> Result<Link, String>,
-    ) -> Result<GroupRef, String> {
-        // Client ids reach the router escaped (`wire::router_client_id`), where `%` only ever
-        // starts `%25`, `%2B`, `%24`, `%23` or `%2F`: a name starting `%S` is no client's.
-        let (mut tx, rx, _) = link(&format!("%S{}", wire::router_client_id(&format!("{}/{}", key.0, key.1))))?;
+        let member = match self.try_join(&key, member) {
+            Ok(g) => return Ok(g),
+            Err(m) => m,
+        };
+        // A new group: its link is built without the lock held (router round trips). Each
+        // group's link has a name of its own: one starting `%S`, which no client id reaches
+        // the router as (`wire::router_client_id` writes `%` only as `%25`, `%2B`, `%24`,
+        // `%23` or `%2F`), so that a group started at the same time elsewhere takes nothing
+        // over.
+        let n = self.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (mut tx, rx, _) = link(&format!("%S{n}-{}", wire::router_client_id(&format!("{}/{}", key.0, key.1))))?;
         let subscribe = Subscribe {
             pkid: 1,
             filters: vec![Filter {
@@ -160,12 +150,56 @@ impl Shares {
             }],
         };
         futures::executor::block_on(tx.send(Packet::Subscribe(subscribe, None))).map_err(|e| e.to_string())?;
+        let mut groups = self.groups.lock();
+        let running = groups.get(&key).cloned();
+        let member = match running {
+            Some(g) => match g.0.send(Cmd::Join(member)) {
+                Ok(()) => {
+                    // Another connection started the group meanwhile: this link goes.
+                    drop(groups);
+                    let _ = futures::executor::block_on(tx.send(Packet::Disconnect(
+                        Disconnect {
+                            reason_code: DisconnectReasonCode::NormalDisconnection,
+                        },
+                        None,
+                    )));
+                    return Ok(g);
+                }
+                Err(mpsc::error::SendError(Cmd::Join(m))) => m,
+                Err(_) => unreachable!("sent a join"),
+            },
+            None => member,
+        };
+        Ok(self.spawn(&mut groups, key, tx, rx, member, metrics.clone()))
+    }
+
+    /// Joins the group if it runs; gives the member back if it does not.
+    fn try_join(&self, key: &(Arc<str>, Arc<str>), member: Member) -> Result<GroupRef, Member> {
+        let groups = self.groups.lock();
+        let Some(g) = groups.get(key) else { return Err(member) };
+        match g.0.send(Cmd::Join(member)) {
+            Ok(()) => Ok(g.clone()),
+            // The group task is gone (it ended, or panicked): a new one starts.
+            Err(mpsc::error::SendError(Cmd::Join(m))) => Err(m),
+            Err(_) => unreachable!("sent a join"),
+        }
+    }
+
+    fn spawn(
+        &self,
+        groups: &mut HashMap<(Arc<str>, Arc<str>), GroupRef>,
+        key: (Arc<str>, Arc<str>),
+        tx: LinkTx,
+        rx: LinkRx,
+        member: Member,
+        metrics: Arc<crate::metrics::Registry>,
+    ) -> GroupRef {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let g = GroupRef(cmd_tx);
         let _ = g.0.send(Cmd::Join(member));
         groups.insert(key.clone(), g.clone());
         tokio::spawn(run(key, tx, rx, cmd_rx, g.clone(), self.groups.clone(), metrics));
-        Ok(g)
+        g
     }
 
     /// The session of `clientid` ended: it leaves every group.
