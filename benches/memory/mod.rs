@@ -20,10 +20,15 @@ impl Drop for Proc {
     }
 }
 
+/// Resident memory of process `pid` in kB (4 kB pages).
+fn rss_kb_of(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4
+}
+
 impl Proc {
     fn rss_kb(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/statm", self.child.id())).unwrap_or_default();
-        s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4
+        rss_kb_of(self.child.id())
     }
 }
 
@@ -125,9 +130,7 @@ async fn fan(b: &Proc, filters: usize, per: u64) -> (f64, f64, f64) {
         let peak = peak.clone();
         tokio::spawn(async move {
             loop {
-                let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-                let kb = s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4;
-                peak.fetch_max(kb, Ordering::Relaxed);
+                peak.fetch_max(rss_kb_of(pid), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -161,11 +164,6 @@ async fn slow(b: &Proc, read_rate: u64, pub_rate: u64, secs: u64) -> (u64, Optio
     let topic = format!("mem/slow/{}", mqtt_persist::model::now_ms());
     let mut sub = Raw::connect_session(b.addr, "slow-sub", false).await;
     sub.subscribe(&topic, RQoS::AtLeastOnce).await;
-    let pid = b.child.id();
-    let rss = move || {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-        s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4
-    };
     let p = Raw::connect(b.addr, "slow-pub").await;
     let epoch = Instant::now();
     let t = topic.clone();
@@ -197,7 +195,7 @@ async fn slow(b: &Proc, read_rate: u64, pub_rate: u64, secs: u64) -> (u64, Optio
                     ack.clear();
                 }
                 got += 1;
-                peak = peak.max(rss());
+                peak = peak.max(b.rss_kb());
                 tokio::time::sleep(pace).await;
             }
             Ok(_) => {}

@@ -467,7 +467,7 @@ async fn run(mut stream: TcpStream, peer: SocketAddr, engine: Arc<Engine>) -> Re
         .map(|(f, q)| (f.clone(), *q))
         .collect();
     for (f, q) in kept {
-        if let Some(Ok((g, inner))) = share::parse(&f).filter(|r| r.is_ok_and(|(_, inner)| !inner.starts_with('$'))) {
+        if let Some((g, inner)) = share::group(&f) {
             if let Err(e) = s.join_share(&f, g, inner, q) {
                 tracing::warn!(clientid = %client.clientid, filter = %f, error = %e, "cannot rejoin a shared subscription");
             }
@@ -1098,13 +1098,7 @@ impl Session {
         let filters: Arc<[Arc<str>]> = self
             .subs
             .keys()
-            .filter(|f| {
-                let inner = match share::parse(f) {
-                    Some(Ok((_, inner))) => inner,
-                    _ => f,
-                };
-                crate::topic::matches(&topic, inner)
-            })
+            .filter(|f| crate::topic::matches(&topic, share::filter_part(f)))
             .cloned()
             .collect();
         self.d.fire(&Event::Acked {
@@ -1127,10 +1121,7 @@ impl Session {
             let path = f.path.as_str();
             let shared = share::parse(path);
             // A shared subscription's topic rules apply to its filter part.
-            let inner = match shared {
-                Some(Ok((_, inner))) => inner,
-                _ => path,
-            };
+            let inner = share::filter_part(path);
             if shared.is_some() && f.nolocal && v5 {
                 // MQTT-3.8.3-4: No Local on a shared subscription is a Protocol Error.
                 self.reason = "protocol_error";
@@ -1157,7 +1148,7 @@ impl Session {
             }
             let q = f.qos as u8;
             let filter: Arc<str> = path.into();
-            if let Some(Ok((group, inner))) = shared.filter(|r| r.is_ok_and(|(_, inner)| !inner.starts_with('$'))) {
+            if let Some((group, inner)) = share::group(path) {
                 // Granted at most QoS 1 (the group's own subscription); no retained messages
                 // and no stored fetch for a shared subscription (MQTT 4.8.2).
                 let q = q.min(1);
@@ -1330,28 +1321,12 @@ impl Session {
             for (_, done) in self.lookups_running.iter_mut().filter(|(g, _)| **g == **f) {
                 let _ = done.changed().await;
             }
-            let existed = self.subs.remove(f.as_str()).is_some();
-            self.next_offset.remove(f.as_str());
-            self.set_opts(&Arc::from(f.as_str()), SubOpts::default());
+            let existed = self.drop_subscription(f);
             reasons.push(if existed {
                 UnsubAckReason::Success
             } else {
                 UnsubAckReason::NoSubscriptionExisted
             });
-            if let Some(g) = self.shares.remove(f.as_str()) {
-                g.leave(&self.client.clientid, self.conn_id);
-            } else if existed && !f.starts_with('$') {
-                // One filter per router packet: the router acks each filter separately, and
-                // not at all for unknown ones; we answer the client ourselves.
-                self.router_changes += 1;
-                self.to_router.push(Packet::Unsubscribe(
-                    Unsubscribe {
-                        pkid: 0,
-                        filters: vec![f.clone()],
-                    },
-                    None,
-                ));
-            }
             self.fire_unsubscribed(f.as_str().into());
         }
         self.sub_qos_changed();
@@ -1360,6 +1335,30 @@ impl Session {
             reasons.clear();
         }
         self.write(Packet::UnsubAck(UnsubAck { pkid: unsub.pkid, reasons }, None));
+    }
+
+    /// Ends this client's subscription of `filter` (an UNSUBSCRIBE, or a server-side one):
+    /// its options and gap baseline go, a shared one leaves its group, a routed one leaves the
+    /// router. False when there was none.
+    fn drop_subscription(&mut self, filter: &str) -> bool {
+        let existed = self.subs.remove(filter).is_some();
+        self.next_offset.remove(filter);
+        self.set_opts(&Arc::from(filter), SubOpts::default());
+        if let Some(g) = self.shares.remove(filter) {
+            g.leave(&self.client.clientid, self.conn_id);
+        } else if existed && !filter.starts_with('$') {
+            // One filter per router packet: the router acks each filter separately, and not
+            // at all for unknown ones; the client gets our own UNSUBACK.
+            self.router_changes += 1;
+            self.to_router.push(Packet::Unsubscribe(
+                Unsubscribe {
+                    pkid: 0,
+                    filters: vec![filter.to_string()],
+                },
+                None,
+            ));
+        }
+        existed
     }
 
     /// `session.unsubscribed`, remembering its queued writes (the pointer delete) so that a
@@ -1597,10 +1596,13 @@ impl Session {
             return;
         }
         let Ok(topic) = std::str::from_utf8(topic) else { return };
+        // One subscription (the common case) is the one the router read from: forwards of
+        // ended reads came before the router's answer, which `router_changes` waited for.
+        let only = self.subs.len() == 1;
         let mut matching = self
             .subs
             .iter()
-            .filter(|(f, _)| !f.starts_with('$') && crate::topic::matches(topic, f));
+            .filter(|(f, _)| !f.starts_with('$') && (only || crate::topic::matches(topic, f)));
         let (filter, qos) = match (matching.next(), matching.next()) {
             (Some((f, q)), None) => (f.clone(), *q),
             (Some(_), Some(_)) => {
@@ -1963,11 +1965,6 @@ impl Session {
 
     fn control(&mut self, cmd: Control) {
         match cmd {
-            Control::Disconnect => {
-                self.reason = "quota_exceeded";
-                self.disconnect_v5(DisconnectReasonCode::QuotaExceeded);
-                self.closing = true;
-            }
             Control::Subscribe { filter, qos } => {
                 if !crate::topic::valid_filter(&filter) {
                     tracing::warn!(clientid = %self.client.clientid, %filter, "server-side subscribe with an invalid filter ignored");
@@ -1984,19 +1981,8 @@ impl Session {
                 self.subscribe(Subscribe { pkid: 0, filters: vec![f] }, None);
             }
             Control::Unsubscribe { filter } => {
-                if self.subs.remove(filter.as_str()).is_some() {
-                    if let Some(g) = self.shares.remove(filter.as_str()) {
-                        g.leave(&self.client.clientid, self.conn_id);
-                    } else if !filter.starts_with('$') {
-                        self.router_changes += 1;
-                        self.to_router.push(Packet::Unsubscribe(
-                            Unsubscribe {
-                                pkid: 0,
-                                filters: vec![filter.clone()],
-                            },
-                            None,
-                        ));
-                    }
+                if self.drop_subscription(&filter) {
+                    self.sub_qos_changed();
                     self.sync_session();
                     self.fire_unsubscribed(filter.as_str().into());
                 }

@@ -42,6 +42,20 @@ pub fn parse(path: &str) -> Option<Result<(&str, &str), ()>> {
     Some(if ok { Ok((group, filter)) } else { Err(()) })
 }
 
+/// The group and filter of a shared subscription that gets a group (`$share/g/$SYS/#` does
+/// not: nothing is routed to `$` topics, and it is granted like any `$` filter).
+pub fn group(path: &str) -> Option<(&str, &str)> {
+    parse(path)?.ok().filter(|(_, inner)| !inner.starts_with('$'))
+}
+
+/// The filter part of a shared subscription, or the filter itself: what topics it matches.
+pub fn filter_part(path: &str) -> &str {
+    match parse(path) {
+        Some(Ok((_, inner))) => inner,
+        _ => path,
+    }
+}
+
 /// One message for one member connection.
 pub struct Delivery {
     pub group: GroupRef,
@@ -211,15 +225,6 @@ impl Shares {
                 conn: None,
             });
         }
-    }
-
-    /// Groups alive now (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.groups.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -507,6 +512,11 @@ mod tests {
         assert_eq!(parse("$share/g/#"), Some(Ok(("g", "#"))));
         for bad in ["$share/g", "$share//a", "$share/g+/a", "$share/g/", "$share/g/a/#/b", "$share/#/a"] {
             assert_eq!(parse(bad), Some(Err(())), "{bad}");
+            assert_eq!(filter_part(bad), bad);
         }
+        assert_eq!(group("$share/g/a/+"), Some(("g", "a/+")));
+        assert_eq!(group("$share/g/$SYS/#"), None);
+        assert_eq!(filter_part("$share/g/$SYS/#"), "$SYS/#");
+        assert_eq!(filter_part("a/b"), "a/b");
     }
 }

@@ -89,15 +89,8 @@ pub struct Injection {
 /// Something done to a live connection from outside it (the Redis control channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
-    Subscribe {
-        filter: String,
-        qos: u8,
-    },
-    Unsubscribe {
-        filter: String,
-    },
-    /// Ends the connection: MQTT 5 DISCONNECT 0x97 (quota exceeded), 3.1.1 just closes.
-    Disconnect,
+    Subscribe { filter: String, qos: u8 },
+    Unsubscribe { filter: String },
 }
 
 /// Where control commands go: `(clientid, command)`, true if that client is connected here.
