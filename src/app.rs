@@ -195,15 +195,17 @@ fn lower_this_threads_priority() {
     }
 }
 
-/// Raises this process's open-file limit to its hard limit: each connection is a socket, and
-/// the usual soft limit (1024) would refuse connections long before `mqtt.max_connections`.
-/// Says so when even the hard limit is short of it.
-fn raise_file_limit(max_connections: usize) {
+/// Raises this process's open-file limit to its hard limit (each connection is a socket, and
+/// the usual soft limit of 1024 would refuse connections long before `mqtt.max_connections`),
+/// and returns how many connections the broker takes: `max_connections`, or fewer when even
+/// the hard limit is short of it (the rest then get a CONNACK refusal instead of failing at
+/// accept). Files for databases, spools and the listener are kept aside.
+fn connection_cap(max_connections: usize) -> usize {
+    const RESERVED: u64 = 256;
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit on a local struct.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0;
-    if !ok {
-        return;
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return max_connections;
     }
     if l.rlim_cur < l.rlim_max {
         let want = libc::rlimit {
@@ -215,20 +217,18 @@ fn raise_file_limit(max_connections: usize) {
             l.rlim_cur = l.rlim_max;
         }
     }
-    // Databases, spools and the listener need some files too.
-    let needed = max_connections as u64 + 256;
-    if l.rlim_cur < needed {
-        tracing::warn!(
+    let fit = usize::try_from(l.rlim_cur.saturating_sub(RESERVED)).unwrap_or(usize::MAX).max(1);
+    if fit < max_connections {
+        tracing::info!(
             open_files = l.rlim_cur,
             max_connections,
-            "the open-file limit allows about {} connections, fewer than mqtt.max_connections: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower mqtt.max_connections",
-            l.rlim_cur.saturating_sub(256)
+            "up to {fit} connections at once (the open-file limit); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more"
         );
     }
+    fit.min(max_connections)
 }
 
 pub async fn start(conf: &Config) -> Result<Broker, String> {
-    raise_file_limit(conf.broker.mqtt.max_connections);
     let registry = Arc::new(Registry::default());
     let storage_rt = Background(Some(storage_runtime(conf.broker.storage_low_priority)?));
     let storage = storage_rt.0.as_ref().expect("just built").handle().clone();
@@ -246,7 +246,9 @@ pub async fn start(conf: &Config) -> Result<Broker, String> {
     ));
     let conn = conn_rt.0.as_ref().expect("just built").handle().clone();
     let listener = listener.into_std().map_err(|e| e.to_string())?;
-    let engine = Engine::new(conf.broker.clone(), dispatcher.clone(), registry, storage, dead)?;
+    let mut broker_conf = conf.broker.clone();
+    broker_conf.mqtt.max_connections = connection_cap(broker_conf.mqtt.max_connections);
+    let engine = Engine::new(broker_conf, dispatcher.clone(), registry, storage, dead)?;
     engine.set_authorizer(load_acl(&conf.broker)?);
     start_control(&engine, &dispatcher);
     let accept = {

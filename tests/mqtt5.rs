@@ -953,3 +953,24 @@ async fn overlapping_filters_are_never_taken_for_lost_messages() {
     }
     assert_eq!(got, 7, "one copy per matching filter, and no disconnect");
 }
+
+/// `mqtt.max_connections`: one connection more is refused in CONNACK (0x97), and a place
+/// freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_in_connack() {
+    let kit = SqliteKit::new().await;
+    let b = BrokerProc::start_metered("sqlite", &kit.plugin_conf(), "mqtt.max_connections = 2\n");
+    let (a, _) = V5::connected(b.addr, &unique("a"), Hello::default()).await;
+    let (_c, _) = V5::connected(b.addr, &unique("c"), Hello::default()).await;
+    let (_, ack) = V5::connect(b.addr, &unique("over"), Hello::default()).await;
+    assert_eq!(ack.code, ConnectReturnCode::QuotaExceeded);
+    a.disconnect(DisconnectReasonCode::NormalDisconnection).await;
+    // Freed once the broker counted the departure.
+    for _ in 0..100 {
+        if b.metric("mqtt_persist_connections").await < 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    V5::connected(b.addr, &unique("again"), Hello::default()).await;
+}
